@@ -1,0 +1,3 @@
+"""The model zoo: importing this package registers every model by name."""
+
+from models import mlp  # noqa: F401

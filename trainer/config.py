@@ -1,0 +1,149 @@
+"""The run configuration: one frozen, validated object built from flags or by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Optional, Union
+
+from trainer.errors import ConfigError
+
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+DEVICES = ("auto", "cpu", "gpu", "hpu")
+DATASETS = ("fashion_mnist", "mnist", "synthetic")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
+
+
+def parse_loss_scale(value: Union[str, float, int, None]) -> Union[str, float]:
+    """Normalises a loss-scale setting to 'auto', 'dynamic', 'none' or a positive float."""
+    if value is None:
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "dynamic", "none"):
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(
+                f"loss_scale must be 'dynamic', 'none' or a positive number, got {value!r} "
+                "(--loss_scale)") from None
+    if isinstance(value, bool) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ConfigError(
+            f"loss_scale must be 'dynamic', 'none' or a positive number, got {value!r} "
+            "(--loss_scale)")
+    return float(value)
+
+
+def parse_model_args(text: str) -> dict:
+    """Parses 'units=64,depth=2' into {'units': 64, 'depth': 2} (ints, floats, bools, strings)."""
+    result: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"model_args must look like 'name=value,name=value', got {text!r} (--model_args)")
+        result[key.strip()] = _parse_scalar(raw.strip())
+    return result
+
+
+def _parse_scalar(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a run needs; invalid values raise ConfigError naming the field and value.
+
+    Attributes mirror the flags of ``run.py`` (see ``python run.py --helpfull``).
+    """
+
+    policy: str = "mixed_bfloat16"
+    device: str = "auto"
+    model: str = "mlp"
+    model_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: str = "fashion_mnist"
+    data_dir: Optional[str] = None
+    epochs: int = 8
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    loss_scale: Union[str, float] = "auto"
+    steps_per_loop: int = 100
+    validation_split: float = 0.1
+    seed: int = 42
+    model_dir: Optional[str] = None
+    metrics_file: Optional[str] = None
+    auto_cast_outputs: bool = False
+    synthetic_examples: int = 4096
+    verbose: bool = True
+
+    def __post_init__(self):
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_int("epochs", self.epochs, minimum=0)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("steps_per_loop", self.steps_per_loop, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("synthetic_examples", self.synthetic_examples, minimum=1)
+        if not _is_number(self.learning_rate) or not 0 < self.learning_rate < math.inf:
+            raise ConfigError(
+                f"learning_rate must be a positive number, got {self.learning_rate!r} "
+                "(--learning_rate)")
+        if not _is_number(self.validation_split) or not 0 <= self.validation_split < 1:
+            raise ConfigError(
+                f"validation_split must be in [0, 1), got {self.validation_split!r} "
+                "(--validation_split)")
+        object.__setattr__(self, "loss_scale", parse_loss_scale(self.loss_scale))
+        if isinstance(self.model_args, str):
+            object.__setattr__(self, "model_args", parse_model_args(self.model_args))
+        object.__setattr__(self, "model_args", dict(self.model_args))
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(
+                f"data_dir {self.data_dir!r} is not a directory; pass the folder that holds the "
+                "dataset files (--data_dir)")
+        if self.metrics_file is not None and os.path.isdir(self.metrics_file):
+            raise ConfigError(
+                f"metrics_file {self.metrics_file!r} is a directory; pass a file path such as "
+                f"{os.path.join(self.metrics_file, 'metrics.json')!r} (--metrics_file)")
+        if self.device == "hpu" and self.policy == "mixed_float16":
+            raise ConfigError(
+                "policy 'mixed_float16' cannot run on --device=hpu: Gaudi has no float16 "
+                "TensorFlow kernels; use --policy=mixed_bfloat16")
+
+    @property
+    def resolved_loss_scale(self) -> Union[str, float]:
+        """'dynamic', 'none' or a fixed float: 'auto' means dynamic for mixed policies."""
+        if self.loss_scale == "auto":
+            return "none" if self.policy == "float32" else "dynamic"
+        return self.loss_scale
+
+    def replace(self, **changes) -> "TrainConfig":
+        """Returns a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"unknown {name} {value!r}; choose one of: {', '.join(choices)} (--{name})")
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {kind}, got {value!r} (--{name})")

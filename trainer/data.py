@@ -1,0 +1,241 @@
+"""Datasets: Fashion-MNIST, MNIST and a synthetic stand-in, as `tf.data` pipelines.
+
+Images stay uint8 in memory; the pipeline gathers a shuffled batch of indices and converts
+it to float32 in [0, 1] on the host (the tutorial's advice: preprocess in float32 and let
+the model's first layer cast to the compute dtype). Shuffling indices rather than images
+keeps the shuffle buffer, and so a checkpointed iterator, small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from trainer.compat import keras, tf
+from trainer.errors import UserError
+
+SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrays:
+    """A dataset in memory: uint8 images (N, H, W, C) and int labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    source: str
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """The pipelines a Trainer consumes.
+
+    Attributes:
+      train: infinite, shuffled, batched with ``drop_remainder`` (static shapes).
+      validation: finite, or None when ``validation_split`` is 0.
+      test: finite.
+      steps_per_epoch: full batches in one pass over the training split.
+    """
+
+    train: tf.data.Dataset
+    validation: Optional[tf.data.Dataset]
+    test: tf.data.Dataset
+    steps_per_epoch: int
+    input_shape: Tuple[int, ...]
+    num_classes: int
+    num_train: int
+    num_validation: int
+    num_test: int
+    source: str
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one IDX file (optionally gzipped) into a uint8 array, checking its size."""
+    fix = "re-download it, or reinstall Debian's dataset-fashion-mnist for Fashion-MNIST"
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:
+        raise UserError(f"cannot read {path}: {error}; {fix}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path} is not an IDX uint8 file (bad header); {fix}")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise UserError(
+            f"{path} is truncated or corrupt: expected {expected} bytes for shape {tuple(dims)}, "
+            f"found {len(data)}; {fix}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(folder: str, stem: str) -> Optional[str]:
+    for name in (stem + ".gz", stem):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _load_idx_folder(folder: str, num_classes: int = 10) -> Arrays:
+    paths = {}
+    for key, stem in IDX_FILES.items():
+        path = _find_idx(folder, stem)
+        if path is None:
+            raise UserError(
+                f"{os.path.join(folder, stem)}.gz is missing; put the four IDX files "
+                f"({', '.join(s + '.gz' for s in IDX_FILES.values())}) in {folder} or drop "
+                "--data_dir")
+        paths[key] = path
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise UserError(
+                f"{paths['x_' + split]} holds {len(x)} images but {paths['y_' + split]} holds "
+                f"{len(y)} labels; the files are from different datasets or corrupt")
+    return Arrays(arrays["x_train"][..., None], arrays["y_train"].astype(np.int32),
+                  arrays["x_test"][..., None], arrays["y_test"].astype(np.int32),
+                  num_classes, folder)
+
+
+def _load_npz(path: str) -> Arrays:
+    try:
+        with np.load(path) as f:
+            x_train, y_train, x_test, y_test = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise UserError(
+            f"cannot read {path} ({error}); delete it so that Keras downloads it again, or pass "
+            "--data_dir with the IDX files") from None
+    return Arrays(x_train[..., None], y_train.astype(np.int32), x_test[..., None],
+                  y_test.astype(np.int32), 10, path)
+
+
+def _keras_cache(*parts: str) -> str:
+    return os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "datasets", *parts)
+
+
+def _download(name: str, loader) -> Arrays:
+    try:
+        (x_train, y_train), (x_test, y_test) = loader()
+    except Exception as error:  # Keras raises plain Exception subclasses for network errors.
+        raise UserError(
+            f"{name} is not on this machine and the Keras download failed ({type(error).__name__}); "
+            "pass --data_dir with the IDX files, or use --dataset=fashion_mnist (installed by "
+            "`make setup`)") from None
+    return Arrays(x_train[..., None], y_train.astype(np.int32), x_test[..., None],
+                  y_test.astype(np.int32), 10, f"keras download ({name})")
+
+
+def _synthetic(examples: int, seed: int) -> Arrays:
+    # Labels come from a fixed random linear map of the pixels, so a model can learn them and
+    # the loss really goes down in end-to-end tests.
+    rng = np.random.default_rng(seed)
+    n_test = max(examples // 4, 1)
+    x = rng.integers(0, 256, size=(examples + n_test, 28, 28, 1), dtype=np.uint8)
+    projection = rng.standard_normal((28 * 28, 10)).astype(np.float32)
+    y = np.argmax(x.reshape(len(x), -1).astype(np.float32) @ projection, axis=1).astype(np.int32)
+    return Arrays(x[:examples], y[:examples], x[examples:], y[examples:], 10, "synthetic")
+
+
+def load_arrays(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
+                synthetic_examples: int = 4096) -> Arrays:
+    """Loads ``name`` ('fashion_mnist', 'mnist', 'synthetic') into memory.
+
+    Fashion-MNIST: ``data_dir``, else Debian's copy, else the Keras cache, else a download.
+    MNIST: ``data_dir`` (IDX files or mnist.npz), else the Keras cache, else a download.
+
+    Raises:
+      UserError: naming the missing or corrupt file and the fix.
+    """
+    if name == "synthetic":
+        return _synthetic(synthetic_examples, seed)
+    if name == "fashion_mnist":
+        if data_dir:
+            return _load_idx_folder(data_dir)
+        for folder in (SYSTEM_FASHION_MNIST, _keras_cache("fashion-mnist")):
+            if _find_idx(folder, IDX_FILES["x_train"]):
+                return _load_idx_folder(folder)
+        return _download("Fashion-MNIST", keras.datasets.fashion_mnist.load_data)
+    if name == "mnist":
+        if data_dir:
+            npz = os.path.join(data_dir, "mnist.npz")
+            return _load_npz(npz) if os.path.exists(npz) else _load_idx_folder(data_dir)
+        if os.path.exists(_keras_cache("mnist.npz")):
+            return _load_npz(_keras_cache("mnist.npz"))
+        return _download("MNIST", keras.datasets.mnist.load_data)
+    raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist or synthetic (--dataset)")
+
+
+# ---------------------------------------------------------------------------- pipelines
+
+
+def _to_float(images: tf.Tensor, labels: tf.Tensor):
+    return tf.cast(images, tf.float32) / 255.0, labels
+
+
+def _finite(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    return (tf.data.Dataset.from_tensor_slices((x, y))
+            .batch(batch_size)
+            .map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, seed: int) -> Datasets:
+    """Builds the train/validation/test pipelines from in-memory arrays.
+
+    The validation split is the *last* ``validation_split`` of the training data, as in
+    ``Model.fit(validation_split=...)``. Training batches are full (``drop_remainder``) so
+    every step has the same static shape (Gaudi recompiles on a new shape).
+
+    Raises:
+      UserError: when the batch is larger than the training split.
+    """
+    n_val = int(len(arrays.x_train) * validation_split)
+    n_train = len(arrays.x_train) - n_val
+    if n_train < batch_size:
+        raise UserError(
+            f"batch_size {batch_size} is larger than the {n_train} training examples of "
+            f"{arrays.source}; lower --batch_size")
+    x_train = tf.constant(arrays.x_train[:n_train])
+    y_train = tf.constant(arrays.y_train[:n_train])
+
+    def gather(indices):
+        return _to_float(tf.gather(x_train, indices), tf.gather(y_train, indices))
+
+    train = (tf.data.Dataset.range(n_train)
+             .shuffle(n_train, seed=seed, reshuffle_each_iteration=True)
+             .repeat()
+             .batch(batch_size, drop_remainder=True)
+             .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+             .prefetch(tf.data.AUTOTUNE))
+    validation = None
+    if n_val:
+        validation = _finite(arrays.x_train[n_train:], arrays.y_train[n_train:], batch_size)
+    return Datasets(
+        train=train, validation=validation,
+        test=_finite(arrays.x_test, arrays.y_test, batch_size),
+        steps_per_epoch=n_train // batch_size, input_shape=arrays.input_shape,
+        num_classes=arrays.num_classes, num_train=n_train, num_validation=n_val,
+        num_test=len(arrays.x_test), source=arrays.source)

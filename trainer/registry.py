@@ -1,0 +1,77 @@
+"""Models register by name; ``--model`` picks one. Duplicate names are refused."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Callable, Dict
+
+from trainer.errors import ConfigError
+
+ModelBuilder = Callable[..., "object"]
+_REGISTRY: Dict[str, ModelBuilder] = {}
+_BUILTINS_LOADED = False
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator registering ``builder(*, input_shape, num_classes, **model_args)`` as ``name``.
+
+    Raises:
+      ValueError: when ``name`` is already registered (two models must not share a name).
+    """
+
+    def decorator(builder: ModelBuilder) -> ModelBuilder:
+        if name in _REGISTRY and _REGISTRY[name] is not builder:
+            raise ValueError(
+                f"a model named {name!r} is already registered by "
+                f"{_REGISTRY[name].__module__}.{_REGISTRY[name].__qualname__}; pick another name")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorator
+
+
+def _load_builtin_models() -> None:
+    # The zoo in the top-level `models` package registers itself on import.
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        try:
+            importlib.import_module("models")
+        except ModuleNotFoundError as error:
+            if error.name != "models":
+                raise
+
+
+def model_names() -> list:
+    """Names of every registered model, sorted."""
+    _load_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def get_model_builder(name: str) -> ModelBuilder:
+    """Returns the builder registered as ``name``; ConfigError listing the choices if none."""
+    _load_builtin_models()
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))} (--model)")
+    return _REGISTRY[name]
+
+
+def check_model_args(name: str, model_args: dict) -> None:
+    """Raises ConfigError when ``model_args`` holds a keyword the builder does not take."""
+    params = inspect.signature(get_model_builder(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = sorted(set(params) - {"input_shape", "num_classes"})
+    for key in model_args:
+        if key not in allowed:
+            raise ConfigError(
+                f"model {name!r} takes no argument {key!r}; it accepts: "
+                f"{', '.join(allowed) or 'none'} (--model_args)")
+
+
+def build_model(name: str, *, input_shape, num_classes: int, model_args: dict):
+    """Builds the registered model ``name`` (call under the wanted dtype policy)."""
+    check_model_args(name, model_args)
+    return get_model_builder(name)(input_shape=input_shape, num_classes=num_classes, **model_args)
