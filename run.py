@@ -34,11 +34,45 @@ flags.DEFINE_string("metrics_file", None, "Write a JSON summary of the run here.
 flags.DEFINE_bool("auto_cast_outputs", False,
                   "Cast non-float32 model outputs to float32 instead of refusing the model.")
 flags.DEFINE_integer("synthetic_examples", 4096, "Training examples of --dataset=synthetic.")
+# The production loop: checkpoints, resume, evaluation, progress, accumulation.
+flags.DEFINE_integer("checkpoint_every", 0, "Save a checkpoint every N steps (0: every epoch).")
+flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
+flags.DEFINE_bool("deterministic", False,
+                  "Seed everything and enable TF op determinism (bit-exact resume).")
+flags.DEFINE_bool("allow_policy_change", False,
+                  "Allow resuming a checkpoint written under another dtype policy.")
+flags.DEFINE_integer("max_consecutive_skips", 100,
+                     "Stop when this many steps in a row are skipped as non-finite (0: never).")
+flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0: at the end of each epoch).")
+flags.DEFINE_string("best_metric", "accuracy",
+                    "Validation metric that picks the best checkpoint (loss is minimised).")
+flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches accumulated per optimizer step.")
+flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm after unscaling (0: off).")
+flags.DEFINE_bool("jit_compile", False, "Compile the step function with XLA.")
+flags.DEFINE_string("lr_schedule", "constant", "Learning-rate schedule: constant | cosine.")
+flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps before the schedule.")
+flags.DEFINE_string("progress", "auto",
+                    "auto (a bar on a terminal, log lines otherwise) | bar | log | none.")
+# Precision toolkit.
+flags.DEFINE_bool("audit", False, "Print the per-layer precision audit and exit (no training).")
+flags.DEFINE_string("compare_policies", "",
+                    "Comma list of policies to train and compare from identical weights, "
+                    "e.g. float32,mixed_bfloat16.")
+# Distribution.
+flags.DEFINE_string("distribution", "auto",
+                    "none | mirrored (local GPUs) | multi_worker | hpu | auto.")
+flags.DEFINE_string("worker_hosts", "",
+                    "Comma list of hosts (host or host:slots) for multi-worker runs under mpirun.")
+flags.DEFINE_integer("base_port", 7850, "Worker i on a host listens on base_port + local rank.")
 
 CONFIG_FLAGS = ("policy", "device", "model", "model_args", "dataset", "data_dir", "epochs",
                 "batch_size", "learning_rate", "optimizer", "loss_scale", "steps_per_loop",
                 "validation_split", "seed", "model_dir", "metrics_file", "auto_cast_outputs",
-                "synthetic_examples")
+                "synthetic_examples", "checkpoint_every", "keep_checkpoints", "deterministic",
+                "allow_policy_change", "max_consecutive_skips", "eval_every", "best_metric",
+                "grad_accum_steps", "clip_norm", "jit_compile", "lr_schedule", "warmup_steps",
+                "progress", "audit", "compare_policies", "distribution", "worker_hosts",
+                "base_port")
 
 
 def main(argv):
@@ -47,7 +81,7 @@ def main(argv):
 
     try:
         config = trainer.TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS})
-        trainer.run(config)
+        return trainer.main(config)
     except trainer.UserError as error:
         sys.exit(f"error: {error}")
 

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Type
 
-from trainer import devices, loop, registry, reporting
+from trainer import devices, distribute, loop, registry, reporting
 from trainer.config import TrainConfig
 from trainer.trainer import Trainer
 
 
-def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
-        strategy=None) -> dict:
+def main(config: TrainConfig) -> int:
+    """What ``run.py`` calls: the audit, a policy comparison, or a training run."""
+    if config.audit:
+        from trainer import audit
+        return audit.run(config)
+    if config.compare_policies:
+        from trainer import compare
+        compare.run(config)
+        return 0
+    run(config)
+    return 0
+
+
+def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
     """Selects the device, builds the Trainer, trains, tests and writes the metrics file.
 
     Every check of user input (model name and arguments, device, data files, output paths)
@@ -24,8 +36,9 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     if config.metrics_file:
         reporting.prepare_output_file(config.metrics_file)
     device = devices.select_device(config.device, policy=config.policy)
-    trainer = trainer_cls(config, strategy=strategy)
-    verbose = config.verbose
+    cluster = distribute.setup(config, device)
+    trainer = trainer_cls(config, strategy=cluster.strategy)
+    verbose = config.verbose and cluster.is_chief
     if verbose:
         reporting.banner(device=device, config=config, trainer=trainer)
     result = loop.fit(trainer, epochs=config.epochs, steps_per_loop=config.steps_per_loop,
@@ -59,6 +72,6 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
             for h in result.history
         ],
     }
-    if config.metrics_file:
+    if config.metrics_file and cluster.is_chief:
         reporting.write_json(config.metrics_file, summary)
     return summary

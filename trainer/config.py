@@ -13,6 +13,9 @@ POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 DEVICES = ("auto", "cpu", "gpu", "hpu")
 DATASETS = ("fashion_mnist", "mnist", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "cosine")
+DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "hpu")
+PROGRESS = ("auto", "bar", "log", "none")
 
 
 def parse_loss_scale(value: Union[str, float, int, None]) -> Union[str, float]:
@@ -85,6 +88,27 @@ class TrainConfig:
     auto_cast_outputs: bool = False
     synthetic_examples: int = 4096
     verbose: bool = True
+    # Checkpointing, resume and the production loop.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    deterministic: bool = False
+    allow_policy_change: bool = False
+    max_consecutive_skips: int = 100
+    eval_every: int = 0
+    best_metric: str = "accuracy"
+    grad_accum_steps: int = 1
+    clip_norm: float = 0.0
+    jit_compile: bool = False
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    progress: str = "auto"
+    # Precision toolkit.
+    audit: bool = False
+    compare_policies: str = ""
+    # Distribution.
+    distribution: str = "auto"
+    worker_hosts: str = ""
+    base_port: int = 7850
 
     def __post_init__(self):
         _check_choice("policy", self.policy, POLICIES)
@@ -96,6 +120,26 @@ class TrainConfig:
         _check_int("steps_per_loop", self.steps_per_loop, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("synthetic_examples", self.synthetic_examples, minimum=1)
+        _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("progress", self.progress, PROGRESS)
+        for name in ("checkpoint_every", "max_consecutive_skips", "eval_every", "warmup_steps"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("keep_checkpoints", "grad_accum_steps"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("base_port", self.base_port, minimum=1)
+        if self.base_port > 65535:
+            raise ConfigError(f"base_port must be a TCP port (1-65535), got {self.base_port} "
+                              "(--base_port)")
+        if not _is_number(self.clip_norm) or not 0 <= self.clip_norm < math.inf:
+            raise ConfigError(
+                f"clip_norm must be a number >= 0 (0 turns clipping off), got {self.clip_norm!r} "
+                "(--clip_norm)")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
+                f"{self.grad_accum_steps}; the batch is split into that many micro-batches "
+                "(--grad_accum_steps)")
         if not _is_number(self.learning_rate) or not 0 < self.learning_rate < math.inf:
             raise ConfigError(
                 f"learning_rate must be a positive number, got {self.learning_rate!r} "
