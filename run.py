@@ -8,7 +8,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out.
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from trainer.config import DATASETS, DEVICES, OPTIMIZERS, POLICIES  # noqa: E402
 
@@ -76,8 +76,15 @@ CONFIG_FLAGS = ("policy", "device", "model", "model_args", "dataset", "data_dir"
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}; flags look like --name=value "
+                 "(see --helpfull)")
     import trainer  # Imports TensorFlow: after flag parsing so --help stays fast.
+
+    if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):
+        # TF's Python INFO lines (checkpoint timings) are noise to a user.
+        logging.set_verbosity(logging.WARNING)
+        trainer.compat.tf.get_logger().setLevel("WARNING")
 
     try:
         config = trainer.TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS})

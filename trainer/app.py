@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Type
 
-from trainer import devices, distribute, loop, registry, reporting
+from trainer import checkpoint, devices, distribute, loop, registry, reporting
 from trainer.config import TrainConfig
+from trainer import preemption
+from trainer.preemption import PreemptionWatcher
+from trainer.summaries import SummaryWriter
 from trainer.trainer import Trainer
 
 
@@ -18,31 +21,69 @@ def main(config: TrainConfig) -> int:
         from trainer import compare
         compare.run(config)
         return 0
-    run(config)
+    with distribute.worker_failures_as_errors():
+        run(config)
     return 0
 
 
 def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
-    """Selects the device, builds the Trainer, trains, tests and writes the metrics file.
+    """Selects the device, builds the Trainer, resumes, trains, tests, writes the metrics file.
 
-    Every check of user input (model name and arguments, device, data files, output paths)
-    happens before the first step, so a mistake costs seconds and writes nothing.
+    Every check of user input (model name and arguments, device, data files, output paths,
+    a model_dir from another run) happens before the first step, so a mistake costs seconds
+    and changes nothing on disk.
 
     Returns:
-      The summary that ``--metrics_file`` receives.
+      The summary that ``--metrics_file`` receives (``preempted`` is set when a signal
+      stopped the run early; then no metrics file is written).
     """
     if trainer_cls is Trainer:
         registry.check_model_args(config.model, config.model_args)
     if config.metrics_file:
         reporting.prepare_output_file(config.metrics_file)
+    distribute.prepare(config)  # TF_CONFIG and the Gaudi card: before TensorFlow starts.
     device = devices.select_device(config.device, policy=config.policy)
     cluster = distribute.setup(config, device)
     trainer = trainer_cls(config, strategy=cluster.strategy)
-    verbose = config.verbose and cluster.is_chief
+    chief = cluster.is_chief
+    verbose = config.verbose and chief
+    checkpointer = None
+    if config.model_dir:
+        signature = checkpoint.run_signature(trainer)
+        checkpoint.check_compatible(config.model_dir, signature,
+                                    allow_policy_change=config.allow_policy_change)
+        checkpointer = checkpoint.Checkpointer(trainer, model_dir=config.model_dir,
+                                               keep=config.keep_checkpoints, is_chief=chief)
+        restored = checkpointer.restore_or_initialize()
+        if chief:
+            checkpoint.write_run_file(config.model_dir, signature)
+        if restored and verbose:
+            step = int(trainer.global_step.numpy())
+            epoch = step // trainer.datasets.steps_per_epoch
+            print(f"resuming from {restored} at step {step} (epoch {epoch} done)", flush=True)
     if verbose:
         reporting.banner(device=device, config=config, trainer=trainer)
-    result = loop.fit(trainer, epochs=config.epochs, steps_per_loop=config.steps_per_loop,
-                      on_epoch_end=reporting.print_epoch if verbose else None)
+    mode = reporting.progress_mode(config.progress)
+    progress = reporting.ProgressBar(trainer.datasets.steps_per_epoch) \
+        if mode == "bar" and verbose else None
+    summaries = SummaryWriter(config.model_dir, enabled=chief)
+    try:
+        with PreemptionWatcher() as watcher:
+            result = loop.fit(
+                trainer, checkpointer=checkpointer, summaries=summaries, progress=progress,
+                on_epoch_end=reporting.print_epoch if verbose and mode != "none" else None,
+                should_stop=lambda: preemption.agree(cluster, watcher.signal_name))
+    finally:
+        summaries.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    step = int(trainer.global_step.numpy())
+    if result.stopped_by:
+        if verbose:
+            where = f"; checkpoint saved in {config.model_dir}, run the same command to resume" \
+                if checkpointer else " (no --model_dir: nothing saved)"
+            print(f"stopped by {result.stopped_by} at step {step}{where}", flush=True)
+        return {"preempted": True, "global_step": step, "stopped_by": result.stopped_by}
     test = trainer.evaluate(trainer.datasets.test)
     if verbose:
         reporting.print_test(test)
@@ -57,6 +98,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
         "optimizer": config.optimizer,
         "learning_rate": config.learning_rate,
         "loss_scale_mode": str(config.resolved_loss_scale),
+        "num_workers": cluster.num_workers,
         "test_accuracy": test.get("accuracy"),
         "test_loss": test["loss"],
         "val_accuracy": result.history[-1].validation.get("accuracy") if result.history else None,
@@ -64,14 +106,16 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
         "step_time_ms": result.step_time_ms,
         "loss_scale": trainer.loss_scale,
         "skipped_steps": int(trainer.skipped_steps.numpy()),
-        "global_step": int(trainer.global_step.numpy()),
+        "global_step": step,
         "weights_checksum": trainer.weights_checksum(),
         "history": [
-            {"epoch": h.epoch, **h.train, **{f"val_{k}": v for k, v in h.validation.items()},
-             "ms_per_step": h.ms_per_step}
+            {"epoch": h.epoch, "step": h.global_step, **h.train,
+             **{f"val_{k}": v for k, v in h.validation.items()}, "ms_per_step": h.ms_per_step}
             for h in result.history
         ],
     }
-    if config.metrics_file and cluster.is_chief:
+    if config.metrics_file and chief:
         reporting.write_json(config.metrics_file, summary)
+    if cluster.num_workers > 1:  # Every worker: equal checksums show the replicas stayed in sync.
+        print(distribute.worker_line(cluster, summary), flush=True)
     return summary

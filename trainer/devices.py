@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+from typing import Optional
 
 from trainer.compat import tf
 from trainer.errors import UserError
@@ -18,6 +19,8 @@ from trainer.errors import UserError
 HABANA_MODULE = "habana_frameworks.tensorflow"
 HABANA_TF_VERSION = "2.15.0"
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Module-level so tests can point it at a fake cpuinfo.
+CPUINFO_PATH = "/proc/cpuinfo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +40,10 @@ class DeviceInfo:
     fast_bf16: bool
 
 
-def cpu_bf16_flags(cpuinfo_path: str = "/proc/cpuinfo") -> list:
+def cpu_bf16_flags(cpuinfo_path: Optional[str] = None) -> list:
     """The CPU's bf16 instruction-set flags (AMX, AVX512-BF16) found in /proc/cpuinfo."""
     try:
-        with open(cpuinfo_path) as f:
+        with open(cpuinfo_path or CPUINFO_PATH) as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
@@ -50,9 +53,9 @@ def cpu_bf16_flags(cpuinfo_path: str = "/proc/cpuinfo") -> list:
     return []
 
 
-def _cpu_model(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+def _cpu_model(cpuinfo_path: Optional[str] = None) -> str:
     try:
-        with open(cpuinfo_path) as f:
+        with open(cpuinfo_path or CPUINFO_PATH) as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()

@@ -1,13 +1,46 @@
 """Distribution: which tf.distribute strategy a run uses and whether this process is the chief.
 
-(Multi-worker and HPU strategies are filled in by the distribution work; see issue 5.)
+``--distribution``:
+  none          TensorFlow's default strategy (one device).
+  mirrored      ``tf.distribute.MirroredStrategy`` over this machine's GPUs.
+  multi_worker  ``tf.distribute.MultiWorkerMirroredStrategy``, one process per device, the
+                cluster from ``TF_CONFIG`` (derived from mpirun's or Horovod's rank variables
+                plus ``--worker_hosts`` and ``--base_port`` when not set).
+  hpu           Habana's ``HPUStrategy`` (MultiWorkerMirrored with one Gaudi card per process).
+  auto          hpu for several HPU workers, multi_worker when a cluster is configured,
+                mirrored with several GPUs, else none.
+
+Call :func:`prepare` before any TensorFlow op (before device selection: Habana's bridge reads
+``HLS_MODULE_ID`` when it loads), then :func:`setup` once the device is known. A
+multi-worker strategy must be created before the first TensorFlow op runs in the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import inspect
+import json
+import os
+from typing import Iterator, MutableMapping, Optional
 
+from trainer import worker_env
 from trainer.compat import tf
+from trainer.errors import UserError
+
+HABANA_STRATEGY_MODULE = "habana_frameworks.tensorflow.distribute"
+# A collective that waits longer than this for a peer fails (DeadlineExceeded) instead of
+# hanging: generous, because the first collective also waits for every worker to start.
+COLLECTIVE_TIMEOUT_S = 600
+# MultiWorkerMirroredStrategy pings every peer in the background and aborts the collectives
+# when one stops answering; these bound the time a dead worker goes unnoticed.
+HEALTH_CHECK_INTERVAL_S = 5
+HEALTH_CHECK_TIMEOUT_S = 5
+
+
+class WorkerLostError(UserError):
+    """Another worker of the job died; this one stops instead of waiting forever."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,17 +52,185 @@ class Cluster:
       is_chief: only the chief writes checkpoints, summaries and the metrics file.
       num_workers: processes in the job.
       worker_index: this process's index (0 is the chief).
+      kind: the resolved distribution ('none', 'mirrored', 'multi_worker' or 'hpu').
     """
 
     strategy: tf.distribute.Strategy
     is_chief: bool = True
     num_workers: int = 1
     worker_index: int = 0
+    kind: str = "none"
+
+
+def _wants_habana(config) -> bool:
+    from trainer import devices  # Only lists module specs; imports nothing heavy.
+
+    return (config.distribution == "hpu" or config.device == "hpu"
+            or (config.device == "auto" and devices.habana_available()))
+
+
+def prepare(config, env: Optional[MutableMapping[str, str]] = None) -> None:
+    """Sets up this process's environment before TensorFlow initialises; idempotent.
+
+    Derives ``TF_CONFIG`` from the launcher's rank variables (unless already set), gives each
+    local rank its own Gaudi card and refuses Habana's graph-rewrite bf16 mode together with a
+    Keras mixed policy.
+
+    Raises:
+      UserError: a conflicting setting, a bad ``--worker_hosts``, or a launcher-started job
+        with a single-process ``--distribution``.
+    """
+    env = os.environ if env is None else env
+    if env.get("TF_BF16_CONVERSION", "0") not in ("", "0") and config.policy != "float32":
+        raise UserError(
+            f"TF_BF16_CONVERSION={env['TF_BF16_CONVERSION']!r} turns on Habana's graph-rewrite "
+            f"bf16 mode, which must not be combined with the Keras policy {config.policy}; "
+            "unset TF_BF16_CONVERSION (the Keras policy already computes in bf16) or use "
+            "--policy=float32 with it")
+    rank = worker_env.launcher_rank(env)
+    if rank is None:
+        return
+    if rank.size > 1 and config.distribution in ("none", "mirrored"):
+        raise UserError(
+            f"{rank.source} started {rank.size} workers but --distribution={config.distribution} "
+            "trains each of them alone; use --distribution=multi_worker (hpu on Gaudi, or auto)")
+    if "TF_CONFIG" not in env and config.distribution != "none":
+        env["TF_CONFIG"] = json.dumps(worker_env.derive_tf_config(
+            rank, worker_hosts=config.worker_hosts, base_port=config.base_port))
+    if _wants_habana(config):
+        worker_env.habana_module_env(env, rank.local_rank, rank.local_size)
+
+
+def resolve(distribution: str, device_kind: str, env=None) -> str:
+    """The distribution 'auto' stands for here; other values are returned unchanged."""
+    if distribution != "auto":
+        return distribution
+    env = os.environ if env is None else env
+    workers = _configured_workers(env)
+    if device_kind == "hpu":
+        return "hpu" if workers > 1 else "none"
+    if workers > 1 or "TF_CONFIG" in env:
+        return "multi_worker"
+    if device_kind == "gpu" and len(tf.config.list_physical_devices("GPU")) > 1:
+        return "mirrored"
+    return "none"
+
+
+def _configured_workers(env) -> int:
+    if env.get("TF_CONFIG"):
+        tf_config = worker_env.read_tf_config(env["TF_CONFIG"])
+        return sum(len(tasks) for job, tasks in tf_config["cluster"].items()
+                   if job in ("chief", "worker"))
+    rank = worker_env.launcher_rank(env)
+    return rank.size if rank else 1
 
 
 def setup(config, device) -> Cluster:
-    """Builds the strategy ``config.distribution`` asks for on ``device``."""
-    del device
-    if config.distribution in ("auto", "none"):
+    """Builds the strategy ``config.distribution`` asks for on ``device``.
+
+    Raises:
+      UserError: a distribution the device cannot use, a busy port, or a global batch size
+        that does not split evenly across the replicas.
+    """
+    prepare(config)
+    kind = resolve(config.distribution, device.kind)
+    if kind == "none":
         return Cluster(strategy=tf.distribute.get_strategy())
-    raise NotImplementedError(f"distribution {config.distribution!r} is not wired yet")
+    if kind == "mirrored":
+        if device.kind == "hpu":
+            raise UserError("--distribution=mirrored drives several GPUs from one process; on "
+                            "Gaudi run one process per card with --distribution=hpu under mpirun")
+        strategy = tf.distribute.MirroredStrategy()
+        _check_batch(config.batch_size, strategy.num_replicas_in_sync)
+        return Cluster(strategy=strategy, kind=kind)
+    if kind == "hpu" and device.kind != "hpu":
+        raise UserError(f"--distribution=hpu needs Habana's HPU device, but this run uses "
+                        f"{device.kind}; pass --device=hpu, or --distribution=multi_worker")
+    if os.environ.get("TF_CONFIG"):
+        tf_config = worker_env.read_tf_config(os.environ["TF_CONFIG"])
+        worker_env.check_port_free(worker_env.own_address(tf_config))
+    strategy = _collective_strategy(kind)
+    _check_batch(config.batch_size, strategy.num_replicas_in_sync)
+    resolver = strategy.cluster_resolver
+    task_type, task_id = resolver.task_type, resolver.task_id
+    jobs = resolver.cluster_spec().as_dict()
+    num_workers = sum(len(jobs.get(job, ())) for job in ("chief", "worker")) or 1
+    if task_type is None:  # No TF_CONFIG: a single local worker.
+        is_chief, index = True, 0
+    else:
+        is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
+                                            and "chief" not in jobs)
+        index = task_id + (1 if task_type == "worker" and "chief" in jobs else 0)
+    return Cluster(strategy=strategy, is_chief=is_chief, num_workers=num_workers,
+                   worker_index=index, kind=kind)
+
+
+def _collective_strategy(kind: str) -> tf.distribute.Strategy:
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=COLLECTIVE_TIMEOUT_S)
+    if kind == "hpu":
+        # After load_habana_module() (device selection did that); one card per process.
+        strategy_cls = importlib.import_module(HABANA_STRATEGY_MODULE).HPUStrategy
+        accepts = inspect.signature(strategy_cls).parameters
+        kwargs = {"communication_options": options} if "communication_options" in accepts else {}
+    else:
+        strategy_cls = tf.distribute.MultiWorkerMirroredStrategy
+        kwargs = {"communication_options": options}
+    _tune_health_check()
+    try:
+        return strategy_cls(**kwargs)
+    except RuntimeError as error:
+        if "must be configured at program startup" in str(error) or "initialized" in str(error):
+            raise UserError(
+                "the multi-worker strategy must be created before any TensorFlow op runs in the "
+                f"process ({error}); call trainer.distribute.setup() first") from None
+        raise
+
+
+def _tune_health_check() -> None:
+    # The defaults (30 s between checks, 3 tries of 10 s) leave a dead worker unnoticed for up
+    # to a minute; the class attributes are the only knob TensorFlow offers.
+    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+
+    extended = cars.CollectiveAllReduceExtended
+    if hasattr(extended, "_check_health_interval"):
+        extended._check_health_interval = HEALTH_CHECK_INTERVAL_S
+        extended._check_health_timeout = HEALTH_CHECK_TIMEOUT_S
+
+
+def _check_batch(batch_size: int, replicas: int) -> None:
+    if batch_size % replicas:
+        lower = batch_size - batch_size % replicas
+        raise UserError(
+            f"--batch_size={batch_size} is the global batch and must split evenly across the "
+            f"{replicas} replicas; use a multiple of {replicas}, e.g. --batch_size={lower or replicas}"
+            f" or --batch_size={lower + replicas}")
+
+
+def worker_line(cluster: Cluster, summary: dict) -> str:
+    """One line per worker at the end of a multi-worker run (equal checksums: in sync)."""
+    return (f"worker {cluster.worker_index}/{cluster.num_workers}"
+            f"{' (chief)' if cluster.is_chief else ''}: global_step {summary['global_step']} "
+            f"weights_checksum {summary['weights_checksum']!r}")
+
+
+@contextlib.contextmanager
+def worker_failures_as_errors() -> Iterator[None]:
+    """Turns the errors a dead peer causes in a multi-worker job into one clear line.
+
+    When a worker stops answering, TensorFlow aborts the collectives (its heartbeat or health
+    check) and the training call raises ``UnavailableError``, or ``DeadlineExceededError``
+    after :data:`COLLECTIVE_TIMEOUT_S`. Single-process runs re-raise unchanged.
+    """
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as error:
+        if not os.environ.get("TF_CONFIG") or _configured_workers(os.environ) < 2:
+            raise
+        first_line = (error.message or str(error)).strip().splitlines()[0][:300]
+        raise WorkerLostError(
+            f"another worker of this job stopped responding ({type(error).__name__}: "
+            f"{first_line}); this worker stops too. Check the other workers' output for the "
+            "cause, then restart the job (it resumes from the chief's last checkpoint when "
+            "--model_dir is set)") from None

@@ -69,3 +69,28 @@ def write_json(path: str, payload: dict) -> None:
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class ProgressBar:
+    """A Keras ``Progbar`` per epoch, with ETA, for interactive terminals."""
+
+    def __init__(self, steps_per_epoch: int):
+        from trainer.compat import keras  # Only bar mode needs Keras here.
+
+        self._progbar_cls = keras.utils.Progbar
+        self.steps_per_epoch = steps_per_epoch
+        self._bar = None
+
+    def update(self, trainer, step: int) -> None:
+        in_epoch = step % self.steps_per_epoch or self.steps_per_epoch
+        if self._bar is None or in_epoch < self._bar._seen_so_far:
+            self._bar = self._progbar_cls(self.steps_per_epoch, stateful_metrics=["loss_scale"])
+        values = list(trainer.train_results().items()) + [("loss_scale", trainer.loss_scale)]
+        self._bar.update(in_epoch, values=values, finalize=in_epoch == self.steps_per_epoch)
+
+
+def progress_mode(requested: str) -> str:
+    """'bar' on a terminal and 'log' otherwise, for ``requested == 'auto'``."""
+    if requested == "auto":
+        return "bar" if sys.stdout.isatty() else "log"
+    return requested

@@ -31,9 +31,16 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, strategy: Optional[tf.distribute.Strategy] = None):
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.datasets = self.build_datasets()
-        # Same seed, same initial weights: runs under different policies are comparable.
+        # Same seed, same initial weights and data order: runs under different policies are
+        # comparable. Seed before the datasets: tf.data's shuffle seed combines with the global
+        # seed, so seeding later made the order depend on whatever ran before in the process.
         keras.utils.set_random_seed(config.seed)
+        self.datasets = self.build_datasets()
+        if config.deterministic:
+            # Bit-exact resume: deterministic kernels, and layer RNGs (dropout) held in
+            # tf.random.Generator variables, which are saved with the model.
+            tf.config.experimental.enable_op_determinism()
+            keras.backend.experimental.enable_tf_random_generator()
         with self.strategy.scope():
             with precision.policy_scope(config.policy):
                 self.model = self.build_model()
@@ -46,13 +53,18 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
             self.train_metrics = {"loss": keras.metrics.Mean(name="loss"), **self.build_metrics()}
             self.eval_metrics = {"loss": keras.metrics.Mean(name="loss"), **self.build_metrics()}
-            self.skipped_steps = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="skipped_steps",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            counter = dict(initial_value=0, dtype=tf.int64, trainable=False,
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.skipped_steps = tf.Variable(name="skipped_steps", **counter)
+            self.consecutive_skips = tf.Variable(name="consecutive_skips", **counter)
         self._distributed: Dict[int, object] = {}
         self.train_iterator = iter(self._distribute(self.datasets.train))
         self._train_loop = tf.function(self._train_loop_fn)
         self._eval_loop = tf.function(self._eval_loop_fn)
+        # XLA compiles the per-replica math (forward, loss, backward); the iterator, the
+        # all-reduce and the optimizer update stay outside, where every strategy supports them.
+        self._gradients = tf.function(self._gradients_fn, jit_compile=True) \
+            if config.jit_compile else self._gradients_fn
 
     # ------------------------------------------------------------------ hooks
 
@@ -81,7 +93,11 @@ class Trainer:
 
     def build_optimizer(self) -> keras.optimizers.Optimizer:
         """Returns the inner optimizer; the base class wraps it for loss scaling."""
-        return optimizers.build(self.config.optimizer, self.config.learning_rate)
+        config = self.config
+        learning_rate = optimizers.schedule(
+            config.lr_schedule, config.learning_rate, warmup_steps=config.warmup_steps,
+            total_steps=config.epochs * self.datasets.steps_per_epoch)
+        return optimizers.build(config.optimizer, learning_rate)
 
     def compute_loss(self, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
         """Returns the float32 loss of each example, shape ``[per_replica_batch]``.
@@ -116,6 +132,22 @@ class Trainer:
     def loss_scale(self) -> float:
         """The current loss scale (1.0 when loss scaling is off)."""
         return float(self.loss_scaler.scale)
+
+    def checkpoint_items(self) -> Dict[str, object]:
+        """Everything a checkpoint must hold for an exact resume.
+
+        Model weights (and layer RNG state), the optimizer with its slots, step counter and
+        loss-scale state (current scale, good-step counter), the skip counters, the training
+        metrics of the running epoch and the input iterator's position.
+        """
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "train_metrics": tf.train.Checkpoint(**self.train_metrics),
+            "train_iterator": self.train_iterator,
+        }
 
     def weights_checksum(self) -> float:
         """A float64 sum of every model weight, to compare runs."""
@@ -165,28 +197,58 @@ class Trainer:
             if self.loss_scaler.dynamic:
                 # Gradients were all-reduced before the finiteness check, so every replica
                 # agrees; the first local value stands for all.
-                first = self.strategy.experimental_local_results(skipped)[0]
-                self.skipped_steps.assign_add(tf.cast(first, tf.int64))
+                skipped = tf.cast(self.strategy.experimental_local_results(skipped)[0], tf.int64)
+                self.skipped_steps.assign_add(skipped)
+                self.consecutive_skips.assign(skipped * (self.consecutive_skips + 1))
 
-    def _replica_train_step(self, batch):
-        features, labels = batch
+    def _gradients_fn(self, features, labels):
+        """Unscaled float32 gradients of one (micro-)batch, its per-example loss and outputs."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             outputs = self._forward(features, training=True)
             per_example = self.compute_loss(labels, outputs)
+            # Sum / global batch: summing over micro-batches and replicas gives the mean.
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.config.batch_size)
             if self.model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+                regularization = tf.add_n(self.model.losses) / self.config.grad_accum_steps
+                loss += tf.nn.scale_regularization_loss(regularization)
             scaled_loss = self.loss_scaler.scale_loss(loss)
-        gradients = self.loss_scaler.unscale_gradients(tape.gradient(scaled_loss, variables))
+        gradients = tape.gradient(scaled_loss, variables)
+        gradients = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                     for g, v in zip(gradients, variables)]
+        return self.loss_scaler.unscale_gradients(gradients), per_example, outputs
+
+    def _replica_train_step(self, batch):
+        features, labels = batch
+        accum_steps = self.config.grad_accum_steps
+        if accum_steps == 1:
+            gradients, per_example, outputs = self._gradients(features, labels)
+            self._update_train_metrics(labels, outputs, per_example)
+        else:
+            # k micro-batches, one at a time (activations of one micro-batch in memory); their
+            # unscaled float32 gradients are summed, then one finite check and one update.
+            split = lambda t: tf.reshape(t, [accum_steps, -1] + t.shape[1:].as_list())  # noqa: E731
+            micro_features = tf.nest.map_structure(split, features)
+            micro_labels = tf.nest.map_structure(split, labels)
+            gradients = [tf.zeros_like(v) for v in self.model.trainable_variables]
+            for i in tf.range(accum_steps):
+                f_i = tf.nest.map_structure(lambda t: t[i], micro_features)  # noqa: B023
+                l_i = tf.nest.map_structure(lambda t: t[i], micro_labels)  # noqa: B023
+                micro_gradients, per_example, outputs = self._gradients(f_i, l_i)
+                gradients = [a + g for a, g in zip(gradients, micro_gradients)]
+                self._update_train_metrics(l_i, outputs, per_example)
         if self.strategy.num_replicas_in_sync > 1:
             # Reduce before the finiteness check so every replica skips the same steps.
             gradients = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, gradients)
-        skipped = self.loss_scaler.apply_gradients(gradients, variables)
+        if self.config.clip_norm:
+            # After unscaling: the norm is that of the true gradient, not of the scaled one.
+            gradients, _ = tf.clip_by_global_norm(gradients, self.config.clip_norm)
+        return self.loss_scaler.apply_gradients(gradients, self.model.trainable_variables)
+
+    def _update_train_metrics(self, labels, outputs, per_example):
         self.train_metrics["loss"].update_state(per_example)
         self.update_metrics(self.train_metrics, labels, outputs)
-        return skipped
 
     def _eval_loop_fn(self, dataset):
         for batch in dataset:

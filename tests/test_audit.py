@@ -1,0 +1,88 @@
+"""The precision audit: flags a bf16 softmax output, passes every zoo model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer import audit, registry
+from trainer.compat import keras
+from trainer.config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BAD_MODEL = "test_audit_bf16_softmax"
+
+
+@registry.register_model(BAD_MODEL)
+def bf16_softmax(*, input_shape, num_classes):
+    """The tutorial's mistake: the softmax inherits the mixed policy and outputs bf16."""
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.LayerNormalization(name="norm")(x)
+    x = keras.layers.Dense(num_classes, name="logits")(x)
+    outputs = keras.layers.Activation("softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="bad")
+
+
+def _rows(report):
+    return {row.name: row for row in report.rows}
+
+
+def test_flags_a_bf16_softmax_output(capsys):
+    config = TrainConfig(model=BAD_MODEL, dataset="synthetic", policy="mixed_bfloat16")
+    assert audit.run(config) == 1
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("audit FAILED") and "'probabilities'" in last and "bfloat16" in last
+    report = audit.audit(config)
+    assert report.bad_outputs == (("probabilities", "bfloat16"),)
+    row = _rows(report)["probabilities"]
+    assert row.flagged and row.output_dtype == "bfloat16" and row.compute_dtype == "bfloat16"
+    assert any("softmax computed in bfloat16" in note for note in row.notes)
+    # The LayerNorm before it keeps float32 statistics, read from its graph.
+    assert _rows(report)["norm"].notes == ("statistics in float32",)
+    assert not _rows(report)["logits"].flagged
+
+
+def test_same_model_passes_under_float32():
+    report = audit.audit(TrainConfig(model=BAD_MODEL, dataset="synthetic", policy="float32"))
+    assert report.ok and not any(row.flagged for row in report.rows)
+
+
+def test_pure_bfloat16_policy_flags_normalisation():
+    # Variables and statistics in bf16 are what the pure policy gets wrong; the audit says so.
+    report = audit.audit_model(
+        _build_under("bfloat16"), policy="bfloat16",
+        sample=keras.backend.zeros((1, 28, 28, 1)))
+    notes = " ".join(_rows(report)["norm"].notes)
+    assert "!! normalisation variables in bfloat16" in notes
+    assert "!! statistics computed in bfloat16" in notes
+
+
+def _build_under(policy):
+    from trainer.precision import policy_scope
+    with policy_scope(policy):
+        return bf16_softmax(input_shape=(28, 28, 1), num_classes=10)
+
+
+@pytest.mark.parametrize("policy", ("mixed_bfloat16", "mixed_float16"))
+@pytest.mark.parametrize("model", ("mlp", "cnn", "resnet", "transformer"))
+def test_every_zoo_model_passes(model, policy):
+    report = audit.audit(TrainConfig(model=model, dataset="synthetic", policy=policy))
+    assert report.ok, audit.verdict(report)
+    assert not [row.name for row in report.rows if row.flagged]
+    rows = list(report.rows)
+    assert rows[-1].output_dtype == "float32" and rows[-1].compute_dtype == "float32"
+    low = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}[policy]
+    assert any(row.compute_dtype == low for row in rows)
+    assert sum(row.params for row in rows) == registry.build_model(
+        model, input_shape=(28, 28, 1), num_classes=10, model_args={}).count_params()
+
+
+def test_cli_exit_codes():
+    # The one subprocess check: run.py turns the audit's verdict into the exit status.
+    good = subprocess.run([sys.executable, "run.py", "--audit", "--model=cnn", "--dataset=synthetic"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "audit OK" in good.stdout and "stage1_conv1_bn" in good.stdout

@@ -1,0 +1,89 @@
+"""TrainConfig validation: every bad value is refused early, naming the field and the flag."""
+
+import dataclasses
+
+import pytest
+
+from trainer.config import TrainConfig, parse_loss_scale, parse_model_args
+from trainer.errors import ConfigError, UserError
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("policy", "float16", "--policy"),
+    ("policy", "mixed_float32", "--policy"),
+    ("device", "tpu", "--device"),
+    ("dataset", "cifar10", "--dataset"),
+    ("optimizer", "lamb", "--optimizer"),
+    ("epochs", -1, "--epochs"),
+    ("batch_size", 0, "--batch_size"),
+    ("batch_size", 2.5, "--batch_size"),
+    ("steps_per_loop", 0, "--steps_per_loop"),
+    ("learning_rate", 0.0, "--learning_rate"),
+    ("learning_rate", float("nan"), "--learning_rate"),
+    ("validation_split", 1.0, "--validation_split"),
+    ("validation_split", -0.1, "--validation_split"),
+    ("loss_scale", -1, "--loss_scale"),
+    ("loss_scale", "abc", "--loss_scale"),
+    ("loss_scale", "0", "--loss_scale"),
+    ("loss_scale", "inf", "--loss_scale"),
+    ("seed", -3, "--seed"),
+    ("model_args", "units", "--model_args"),
+    ("data_dir", "/nonexistent/folder", "--data_dir"),
+])
+def test_bad_value_names_field_and_flag(field, value, flag):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**{field: value})
+    message = str(info.value)
+    assert flag in message
+    assert "\n" not in message  # One line for run.py's `error:` output.
+    assert isinstance(info.value, UserError)
+
+
+def test_fp16_on_hpu_refused_by_config():
+    with pytest.raises(ConfigError, match="mixed_bfloat16"):
+        TrainConfig(device="hpu", policy="mixed_float16")
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("float32", "none"), ("mixed_bfloat16", "dynamic"), ("mixed_float16", "dynamic")])
+def test_loss_scale_defaults_per_policy(policy, expected):
+    assert TrainConfig(policy=policy).resolved_loss_scale == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("dynamic", "dynamic"), ("NONE", "none"), ("auto", "auto"), (None, "auto"),
+    ("128", 128.0), (" 1024.0 ", 1024.0), (4, 4.0)])
+def test_parse_loss_scale(text, expected):
+    assert parse_loss_scale(text) == expected
+
+
+def test_explicit_loss_scale_overrides_default():
+    config = TrainConfig(policy="float32", loss_scale="256")
+    assert config.loss_scale == 256.0 and config.resolved_loss_scale == 256.0
+    assert TrainConfig(policy="mixed_bfloat16", loss_scale="none").resolved_loss_scale == "none"
+
+
+def test_parse_model_args_types():
+    assert parse_model_args("units=64, rate=0.5,flag=true,name=wide") == {
+        "units": 64, "rate": 0.5, "flag": True, "name": "wide"}
+    assert parse_model_args("") == {}
+    assert TrainConfig(model_args="units=32").model_args == {"units": 32}
+
+
+def test_config_is_frozen_and_replace_revalidates():
+    config = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3  # type: ignore[misc]
+    assert config.replace(epochs=3).epochs == 3
+    with pytest.raises(ConfigError, match="--batch_size"):
+        config.replace(batch_size=0)
+
+
+def test_keyword_only():
+    with pytest.raises(TypeError):
+        TrainConfig("float32")  # type: ignore[misc]
+
+
+def test_metrics_file_that_is_a_directory_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--metrics_file"):
+        TrainConfig(metrics_file=str(tmp_path))

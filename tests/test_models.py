@@ -1,0 +1,103 @@
+"""The model zoo: every model trains under every policy with float32 outputs and float32 statistics."""
+
+import numpy as np
+import pytest
+
+from trainer import precision, registry
+from trainer.audit import statistics_dtypes
+from trainer.compat import keras, tf
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError
+from trainer.trainer import Trainer
+
+# Small widths keep each build-trace-train cycle to a couple of seconds on 2 cores.
+SMALL_ARGS = {
+    "mlp": {"units": 32},
+    "cnn": {"width": 8, "depth": 2, "dense_units": 16},
+    "resnet": {"width": 8, "stages": 2, "blocks": 1},
+    "transformer": {"patch_size": 7, "dim": 16, "depth": 1, "heads": 2},
+}
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+STEPS = 3
+
+
+def _config(model, policy, **overrides):
+    settings = dict(model=model, model_args=SMALL_ARGS[model], policy=policy, dataset="synthetic",
+                    synthetic_examples=256, batch_size=32, validation_split=0.0, epochs=1,
+                    steps_per_loop=STEPS, verbose=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_zoo_is_registered():
+    assert {"mlp", "cnn", "resnet", "transformer"} <= set(registry.model_names())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("model", sorted(SMALL_ARGS))
+def test_zoo_model_trains_under_policy(model, policy):
+    trainer = Trainer(_config(model, policy))
+    compute = precision.POLICY_COMPUTE_DTYPES[policy]
+    # The body computes in the policy's dtype, every variable is float32, the output is float32.
+    compute_dtypes = {layer.compute_dtype for layer in trainer.model.layers[1:-1]}
+    assert compute in compute_dtypes
+    assert {w.dtype.name for w in trainer.model.weights} == {"float32"}
+    features, _ = next(iter(trainer.datasets.train))
+    assert trainer.model(features, training=False).dtype == tf.float32
+
+    before = trainer.weights_checksum()
+    trainer.train_steps(STEPS)
+    assert int(trainer.global_step.numpy()) == STEPS
+    assert int(trainer.skipped_steps.numpy()) < STEPS
+    assert trainer.weights_checksum() != before
+    loss = trainer.train_results()["loss"]
+    assert np.isfinite(loss) and loss > 0
+
+
+@pytest.mark.parametrize("policy", ("mixed_bfloat16", "mixed_float16"))
+@pytest.mark.parametrize("model", ("cnn", "resnet"))
+def test_batchnorm_moving_statistics_are_float32_and_updated(model, policy):
+    trainer = Trainer(_config(model, policy))
+    bns = [l for l in trainer.model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns
+    for bn in bns:
+        assert bn.compute_dtype == precision.POLICY_COMPUTE_DTYPES[policy]
+        assert bn.moving_mean.dtype == tf.float32 and bn.moving_variance.dtype == tf.float32
+    trainer.train_steps(2)
+    # Training updated the float32 moving statistics (they start at mean 0, variance 1).
+    assert any(np.abs(bn.moving_mean.numpy()).max() > 0 for bn in bns)
+    assert any(np.abs(bn.moving_variance.numpy() - 1).max() > 0 for bn in bns)
+
+
+@pytest.mark.parametrize("policy", ("mixed_bfloat16", "mixed_float16"))
+@pytest.mark.parametrize("model", ("cnn", "transformer"))
+def test_normalisation_statistics_are_computed_in_float32(model, policy):
+    with precision.policy_scope(policy):
+        net = registry.build_model(model, input_shape=(28, 28, 1), num_classes=10,
+                                   model_args=SMALL_ARGS[model])
+    norms = [l for l in net.layers
+             if isinstance(l, (keras.layers.BatchNormalization, keras.layers.LayerNormalization))]
+    assert norms
+    for layer in norms:
+        assert layer.input.dtype.name == precision.POLICY_COMPUTE_DTYPES[policy]
+        assert statistics_dtypes(layer, layer.input.shape, layer.input.dtype.name) == ["float32"]
+
+
+def test_statistics_check_detects_low_precision_statistics():
+    # Counter-check: under the pure bfloat16 policy LayerNorm really computes in bfloat16.
+    with precision.policy_scope("bfloat16"):
+        layer = keras.layers.LayerNormalization()
+        layer.build((None, 8))
+    assert statistics_dtypes(layer, (None, 8), "bfloat16") == ["bfloat16"]
+
+
+@pytest.mark.parametrize("model, args", [
+    ("cnn", {"width": 0}),
+    ("resnet", {"blocks": -1}),
+    ("transformer", {"patch_size": 5}),
+    ("transformer", {"dim": 30, "heads": 4}),
+    ("transformer", {"dropout": 1.5}),
+])
+def test_bad_model_args_are_refused(model, args):
+    with pytest.raises(ConfigError, match=f"{model}: "):
+        registry.build_model(model, input_shape=(28, 28, 1), num_classes=10, model_args=args)

@@ -1,0 +1,293 @@
+"""Policy comparison (``run.py --compare_policies=float32,mixed_bfloat16``).
+
+Trains the same model under each policy from identical initial weights (built once under
+float32, then copied into each policy's model with ``set_weights``, as the tutorial does) and
+the same data order (same seed), and writes a side-by-side table as comparison.json,
+comparison.csv and comparison.png into ``--model_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import threading
+import time
+from typing import Dict, List, Optional, Type
+
+from trainer import devices, loop, precision, registry, reporting
+from trainer.compat import keras, tf
+from trainer.config import POLICIES, TrainConfig
+from trainer.errors import ConfigError, UserError
+from trainer.trainer import Trainer
+
+CSV_FIELDS = ("policy", "status", "note", "ms_per_step", "examples_per_sec", "speedup_vs_float32",
+              "peak_memory_mib", "val_accuracy", "test_accuracy", "test_accuracy_delta_points",
+              "test_loss", "skipped_steps", "loss_scale", "initial_weights_checksum",
+              "final_weights_checksum")
+
+
+def parse_policies(text: str) -> List[str]:
+    """'float32, mixed_bfloat16' -> ['float32', 'mixed_bfloat16'] (known, no duplicates)."""
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    for policy in policies:
+        if policy not in POLICIES:
+            raise ConfigError(
+                f"unknown policy {policy!r} in compare_policies; choose from {', '.join(POLICIES)} "
+                "(--compare_policies)")
+    if len(set(policies)) != len(policies):
+        raise ConfigError(f"compare_policies lists a policy twice: {text!r} (--compare_policies)")
+    if not policies:
+        raise ConfigError("compare_policies is empty; e.g. --compare_policies=float32,mixed_bfloat16")
+    return policies
+
+
+def unsupported_reason(device: devices.DeviceInfo, policy: str) -> Optional[str]:
+    """Why ``policy`` cannot run on ``device``, or None when it can."""
+    if device.kind == "hpu" and policy == "mixed_float16":
+        return "unsupported on HPU: Gaudi has no float16 TensorFlow kernels"
+    return None
+
+
+class PeakMemory:
+    """Peak memory while a block runs: the GPU allocator's peak, else the process RSS increase.
+
+    On CPU, the resident set size is sampled every few milliseconds by a thread and the peak
+    above the value at entry is kept (``getrusage``'s max RSS never goes down, so it cannot
+    tell the second of two sequential runs apart).
+    """
+
+    def __init__(self, device: devices.DeviceInfo, interval_s: float = 0.005):
+        self.device, self.interval_s, self.peak_mib = device, interval_s, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, self._rss_bytes())
+
+    def __enter__(self):
+        if self.device.kind == "gpu":
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        else:
+            self._start = self._peak = self._rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.kind == "gpu":
+            self.peak_mib = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._rss_bytes())
+            self.peak_mib = (self._peak - self._start) / 2**20
+        return False
+
+
+def _record_loss_curve(trainer: Trainer, curve: List[tuple]) -> None:
+    # The loop reports once per epoch; for a smoother curve, record the mean training loss of
+    # every compiled step loop (from the loss metric's running total and count).
+    loss_metric = trainer.train_metrics["loss"]
+    compiled = trainer.train_steps
+    state = {"total": 0.0, "count": 0.0}
+
+    def train_steps(num_steps: int) -> None:
+        compiled(num_steps)
+        total, count = float(loss_metric.total.numpy()), float(loss_metric.count.numpy())
+        if count < state["count"]:  # The loop reset the metrics at a new epoch.
+            state.update(total=0.0, count=0.0)
+        if count > state["count"]:
+            mean = (total - state["total"]) / (count - state["count"])
+            curve.append((int(trainer.global_step.numpy()), mean))
+        state.update(total=total, count=count)
+
+    trainer.train_steps = train_steps
+
+
+def _train_one(trainer: Trainer, initial_weights, device: devices.DeviceInfo) -> dict:
+    config = trainer.config
+    trainer.model.set_weights(initial_weights)
+    initial_checksum = trainer.weights_checksum()
+    curve: List[tuple] = []
+    _record_loss_curve(trainer, curve)
+    # Memory is measured over training and testing; the dataset and weights load before.
+    with PeakMemory(device) as memory:
+        result = loop.fit(trainer, epochs=config.epochs, steps_per_loop=config.steps_per_loop,
+                          on_epoch_end=reporting.print_epoch if config.verbose else None)
+        test = trainer.evaluate(trainer.datasets.test)
+    last = result.history[-1] if result.history else None
+    return {
+        "policy": config.policy,
+        "status": "ok",
+        "note": "",
+        "ms_per_step": result.step_time_ms,
+        "examples_per_sec": result.examples_per_sec,
+        "peak_memory_mib": memory.peak_mib,
+        "val_accuracy": last.validation.get("accuracy") if last else None,
+        "test_accuracy": test.get("accuracy"),
+        "test_loss": test["loss"],
+        "skipped_steps": int(trainer.skipped_steps.numpy()),
+        "loss_scale": trainer.loss_scale,
+        "initial_weights_checksum": initial_checksum,
+        "final_weights_checksum": trainer.weights_checksum(),
+        "loss_curve": curve,
+        "epochs": [{"epoch": h.epoch, **h.train,
+                    **{f"val_{k}": v for k, v in h.validation.items()}} for h in result.history],
+    }
+
+
+def reference_weights(trainer: Trainer) -> list:
+    """The initial weights every policy starts from: the model built once under float32.
+
+    Uses ``trainer.build_model`` so that a Trainer subclass's own model is respected. Mixed
+    policies keep float32 variables, so these weights load into every policy's model.
+    """
+    keras.utils.set_random_seed(trainer.config.seed)
+    with precision.policy_scope("float32"):
+        model = trainer.build_model()
+    weights = model.get_weights()
+    keras.utils.set_random_seed(trainer.config.seed)  # Leave the RNG as the Trainer left it.
+    return weights
+
+
+def _add_relative(rows: List[dict]) -> None:
+    base = next((r for r in rows if r["policy"] == "float32" and r["status"] == "ok"), None)
+    for row in rows:
+        ok = row["status"] == "ok" and base is not None
+        row["speedup_vs_float32"] = base["ms_per_step"] / row["ms_per_step"] if (
+            ok and row["ms_per_step"]) else None
+        row["test_accuracy_delta_points"] = 100 * (row["test_accuracy"] - base["test_accuracy"]) if (
+            ok and row["test_accuracy"] is not None) else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: List[dict]) -> str:
+    """The side-by-side comparison as fixed-width text."""
+    header = ("policy", "ms/step", "examples/s", "speedup", "peak MiB", "val acc", "test acc",
+              "delta (pts)", "skipped", "status")
+    body = [(r["policy"], _fmt(r.get("ms_per_step"), ".2f"), _fmt(r.get("examples_per_sec"), ",.0f"),
+             _fmt(r.get("speedup_vs_float32"), ".2f") + ("x" if r.get("speedup_vs_float32") else ""),
+             _fmt(r.get("peak_memory_mib"), ".0f"), _fmt(r.get("val_accuracy"), ".4f"),
+             _fmt(r.get("test_accuracy"), ".4f"), _fmt(r.get("test_accuracy_delta_points"), "+.2f"),
+             _fmt(r.get("skipped_steps"), "d"),
+             r["status"] + (f" ({r['note']})" if r.get("note") else "")) for r in rows]
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 9) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in [header] + body]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    """One row per policy with the table's numbers (empty cells where a policy did not run)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+    os.replace(tmp, path)
+
+
+def write_plot(path: str, rows: List[dict], title: str) -> None:
+    """Loss curves per policy (left) and throughput bars (right) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # Files only: no display needed.
+    from matplotlib import pyplot as plt
+
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    ran = [r for r in rows if r["status"] == "ok"]
+    for row in ran:
+        steps, losses = zip(*row["loss_curve"]) if row["loss_curve"] else ((), ())
+        curves.plot(steps, losses, marker=".", label=row["policy"])
+    curves.set(title="training loss", xlabel="step", ylabel="loss (mean over each step loop)")
+    curves.legend()
+    bars.bar([r["policy"] for r in rows], [r.get("examples_per_sec") or 0 for r in rows],
+             color=["tab:blue" if r["status"] == "ok" else "lightgray" for r in rows])
+    for i, row in enumerate(rows):
+        label = f"{row['speedup_vs_float32']:.2f}x" if row.get("speedup_vs_float32") else (
+            "" if row["status"] == "ok" else "not run")
+        bars.annotate(label, (i, row.get("examples_per_sec") or 0), ha="center", va="bottom")
+    bars.set(title="throughput (after warm-up)", ylabel="examples/s")
+    figure.suptitle(title)
+    figure.tight_layout()
+    tmp = path + ".tmp.png"
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
+    """Trains ``config.model`` under each policy of ``config.compare_policies`` and compares.
+
+    Every policy starts from the same weights (checked: the initial weight checksums agree)
+    and sees the same batches in the same order. A policy the device cannot run is reported
+    with its reason instead of stopping the comparison.
+
+    Returns:
+      The payload written to comparison.json (``rows`` holds one dict per policy).
+
+    Raises:
+      UserError: bad policy list, no ``--model_dir``, or an unusable output folder.
+    """
+    policies = parse_policies(config.compare_policies)
+    if not config.model_dir:
+        raise UserError("--compare_policies writes comparison.json/.csv/.png into --model_dir; "
+                        "pass --model_dir=DIR")
+    paths = {ext: os.path.join(config.model_dir, f"comparison.{ext}") for ext in ("json", "csv", "png")}
+    reporting.prepare_output_file(paths["json"])
+    if trainer_cls is Trainer:
+        registry.check_model_args(config.model, config.model_args)
+    device = devices.select_device(config.device, policy="float32")
+    base = config.replace(compare_policies="", audit=False, metrics_file=None)
+    # float32 first: it is the baseline every other row is compared with.
+    policies.sort(key=lambda p: p != "float32")
+    rows, initial_weights = [], None
+    for policy in policies:
+        reason = unsupported_reason(device, policy)
+        if reason is None:
+            if config.verbose:
+                print(f"--- {policy}", flush=True)
+            try:
+                trainer = trainer_cls(base.replace(policy=policy))
+                if initial_weights is None:
+                    initial_weights = reference_weights(trainer)
+                rows.append(_train_one(trainer, initial_weights, device))
+                continue
+            except (tf.errors.UnimplementedError, tf.errors.NotFoundError,
+                    tf.errors.InvalidArgumentError) as error:
+                # A missing kernel for this dtype on this device: report it, keep comparing.
+                reason = f"failed on {device.kind}: {type(error).__name__}: " + (
+                    str(error.message).strip().splitlines() or [""])[0][:160]
+            finally:
+                trainer = None  # Free this policy's model before the next one is built.
+        rows.append({"policy": policy, "status": reason, "note": "", "loss_curve": [],
+                     "epochs": []})
+    _add_relative(rows)
+    for row in rows:
+        if row["status"] == "ok" and device.kind == "cpu" and row["policy"] == "mixed_float16":
+            row["note"] = "float16 is emulated on CPUs: slow"
+    table = format_table(rows)
+    print(f"policy comparison: model {config.model}, {config.dataset}, {config.epochs} epochs, "
+          f"batch {config.batch_size}, device {device.description}")
+    print(table, flush=True)
+    payload = {
+        "model": config.model, "model_args": dict(config.model_args), "dataset": config.dataset,
+        "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": config.optimizer,
+        "learning_rate": config.learning_rate, "seed": config.seed, "device": device.kind,
+        "device_description": device.description, "policies": policies, "rows": rows,
+    }
+    reporting.write_json(paths["json"], payload)
+    write_csv(paths["csv"], rows)
+    write_plot(paths["png"], rows, f"{config.model} on {config.dataset}: {', '.join(policies)}")
+    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}")
+    return payload

@@ -1,0 +1,62 @@
+"""SIGTERM/SIGINT turn into a request to stop cleanly after the current step loop."""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+
+class PreemptionWatcher:
+    """While active, SIGTERM and SIGINT set ``signal_name`` instead of killing the process.
+
+    The loop polls :attr:`requested` between step loops, saves a checkpoint and exits 0; a
+    second signal falls back to the default behaviour, so a stuck run can still be stopped.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> "PreemptionWatcher":
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # Not the main thread: signals cannot be caught here.
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def agree(cluster, reason: Optional[str]) -> Optional[str]:
+    """Makes every worker stop at the same step when any one of them was signalled.
+
+    Workers run collectives in lockstep, so one that stops alone would leave the others
+    waiting; a tiny all-reduce of the stop flag between step loops keeps them together.
+    """
+    if cluster.num_workers <= 1:
+        return reason
+    from trainer.compat import tf  # Deferred: this module is imported before TF is configured.
+
+    strategy = cluster.strategy
+    flag = tf.constant(1 if reason else 0, tf.int32)
+    votes = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(flag)),
+                            axis=None)
+    if int(votes) and not reason:
+        return "a signal to another worker"
+    return reason
