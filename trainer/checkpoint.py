@@ -107,9 +107,11 @@ class Checkpointer:
             return None
         for path in candidates:
             try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
+                # Every object of ours must get a value; values the checkpoint has and we
+                # lack (a loss scale, after --allow_policy_change to float32) may go unused.
+                self.checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
                 return path
-            except (tf.errors.OpError, ValueError, AssertionError) as error:
+            except Exception as error:  # noqa: BLE001 - TF's reader raises many types here.
                 reporting.warn(f"checkpoint {path} cannot be restored "
                                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                                "trying the one before it")

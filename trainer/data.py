@@ -151,12 +151,14 @@ def _download(name: str, loader) -> Arrays:
 
 
 def _synthetic(examples: int, seed: int) -> Arrays:
-    # Each class has a fixed random prototype image; an example is its class's prototype mixed
-    # with uniform noise. Classes are balanced and learnable within a few dozen steps, so the
-    # loss really goes down in short end-to-end tests, yet no single pixel gives the label away.
+    # Each class has a fixed random prototype image (7x7 blocks of 4x4 pixels, so convolutions
+    # see shapes too); an example is its class's prototype mixed with uniform noise. Classes
+    # are balanced and learnable within a few dozen steps, so the loss really goes down in
+    # short end-to-end tests, yet no single pixel gives the label away.
     rng = np.random.default_rng(seed)
     n_test = max(examples // 4, 1)
-    prototypes = rng.integers(0, 256, size=(10, 28, 28, 1)).astype(np.float32)
+    coarse = rng.integers(0, 256, size=(10, 7, 7, 1)).astype(np.float32)
+    prototypes = coarse.repeat(4, axis=1).repeat(4, axis=2)
     y = rng.integers(0, 10, size=examples + n_test).astype(np.int32)
     noise = rng.integers(0, 256, size=(examples + n_test, 28, 28, 1)).astype(np.float32)
     x = (0.35 * prototypes[y] + 0.65 * noise).round().astype(np.uint8)

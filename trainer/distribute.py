@@ -33,10 +33,6 @@ HABANA_STRATEGY_MODULE = "habana_frameworks.tensorflow.distribute"
 # A collective that waits longer than this for a peer fails (DeadlineExceeded) instead of
 # hanging: generous, because the first collective also waits for every worker to start.
 COLLECTIVE_TIMEOUT_S = 600
-# MultiWorkerMirroredStrategy pings every peer in the background and aborts the collectives
-# when one stops answering; these bound the time a dead worker goes unnoticed.
-HEALTH_CHECK_INTERVAL_S = 5
-HEALTH_CHECK_TIMEOUT_S = 5
 
 
 class WorkerLostError(UserError):
@@ -146,6 +142,10 @@ def setup(config, device) -> Cluster:
     if kind == "hpu" and device.kind != "hpu":
         raise UserError(f"--distribution=hpu needs Habana's HPU device, but this run uses "
                         f"{device.kind}; pass --device=hpu, or --distribution=multi_worker")
+    # Fail before joining the cluster (which waits for every worker): one device per process on
+    # CPU and HPU, every local GPU otherwise.
+    local = len(tf.config.list_physical_devices("GPU")) if device.kind == "gpu" else 1
+    _check_batch(config.batch_size, _configured_workers(os.environ) * max(local, 1))
     if os.environ.get("TF_CONFIG"):
         tf_config = worker_env.read_tf_config(os.environ["TF_CONFIG"])
         worker_env.check_port_free(worker_env.own_address(tf_config))
@@ -176,7 +176,6 @@ def _collective_strategy(kind: str) -> tf.distribute.Strategy:
     else:
         strategy_cls = tf.distribute.MultiWorkerMirroredStrategy
         kwargs = {"communication_options": options}
-    _tune_health_check()
     try:
         return strategy_cls(**kwargs)
     except RuntimeError as error:
@@ -185,17 +184,6 @@ def _collective_strategy(kind: str) -> tf.distribute.Strategy:
                 "the multi-worker strategy must be created before any TensorFlow op runs in the "
                 f"process ({error}); call trainer.distribute.setup() first") from None
         raise
-
-
-def _tune_health_check() -> None:
-    # The defaults (30 s between checks, 3 tries of 10 s) leave a dead worker unnoticed for up
-    # to a minute; the class attributes are the only knob TensorFlow offers.
-    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
-
-    extended = cars.CollectiveAllReduceExtended
-    if hasattr(extended, "_check_health_interval"):
-        extended._check_health_interval = HEALTH_CHECK_INTERVAL_S
-        extended._check_health_timeout = HEALTH_CHECK_TIMEOUT_S
 
 
 def _check_batch(batch_size: int, replicas: int) -> None:
@@ -228,9 +216,12 @@ def worker_failures_as_errors() -> Iterator[None]:
             tf.errors.CancelledError, tf.errors.AbortedError) as error:
         if not os.environ.get("TF_CONFIG") or _configured_workers(os.environ) < 2:
             raise
-        first_line = (error.message or str(error)).strip().splitlines()[0][:300]
+        lines = [line.strip() for line in (error.message or str(error)).splitlines()]
+        cause = next((line for line in lines if "aborted by" in line.lower()),
+                     next((line for line in lines if line and "Graph execution error" not in line),
+                          type(error).__name__))
         raise WorkerLostError(
             f"another worker of this job stopped responding ({type(error).__name__}: "
-            f"{first_line}); this worker stops too. Check the other workers' output for the "
+            f"{cause[:300]}); this worker stops too. Check the other workers' output for the "
             "cause, then restart the job (it resumes from the chief's last checkpoint when "
             "--model_dir is set)") from None

@@ -121,6 +121,7 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
         thread.start()
         procs.append(proc)
         threads.append(thread)
+        say(f"worker {index}: pid {proc.pid}, {addresses[index]}")
 
     def forward(signum, frame):
         del frame

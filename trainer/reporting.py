@@ -80,12 +80,17 @@ class ProgressBar:
         self._progbar_cls = keras.utils.Progbar
         self.steps_per_epoch = steps_per_epoch
         self._bar = None
+        self._epoch = -1
 
     def update(self, trainer, step: int) -> None:
-        in_epoch = step % self.steps_per_epoch or self.steps_per_epoch
-        if self._bar is None or in_epoch < self._bar._seen_so_far:
-            self._bar = self._progbar_cls(self.steps_per_epoch, stateful_metrics=["loss_scale"])
+        epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
+        in_epoch += 1
         values = list(trainer.train_results().items()) + [("loss_scale", trainer.loss_scale)]
+        if self._bar is None or epoch != self._epoch:
+            self._epoch = epoch
+            # Every value is already a running mean or a state: show it as it is.
+            self._bar = self._progbar_cls(self.steps_per_epoch,
+                                          stateful_metrics=[name for name, _ in values])
         self._bar.update(in_epoch, values=values, finalize=in_epoch == self.steps_per_epoch)
 
 

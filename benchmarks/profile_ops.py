@@ -1,0 +1,68 @@
+"""Where a compiled step's time goes: the TF profiler's trace, summed by op type."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import shutil
+import tempfile
+from typing import Callable, Dict
+
+from trainer.compat import tf
+
+# Ops that only contain other ops; counting them would count their children twice.
+_CONTAINERS = {"While", "StatelessWhile", "StatefulPartitionedCall", "PartitionedCall", "If",
+               "StatelessIf", "IteratorGetNext"}
+CATEGORIES = (
+    ("matmul/conv", ("MatMul", "Conv", "Einsum", "BatchMatMul", "_MklFused", "_FusedConv",
+                     "_MklNativeFused", "_MklNativeConv", "_MklNativeMatMul")),
+    ("cast", ("Cast",)),
+    ("optimizer update", ("ResourceApply", "AssignVariable", "AssignAddVariable",
+                          "AssignSubVariable", "ReadVariableOp")),
+    ("loss-scale checks", ("IsFinite", "All")),
+    ("normalisation", ("FusedBatchNorm", "Mean", "SquaredDifference", "Rsqrt")),
+    ("softmax/loss", ("Softmax", "SparseSoftmax", "Log")),
+)
+
+
+def _category(op_type: str) -> str:
+    for name, prefixes in CATEGORIES:
+        if any(op_type.startswith(p) or p in op_type for p in prefixes):
+            return name
+    return "other elementwise/reductions"
+
+
+def profile_ops(fn: Callable[[], None], *, calls: int = 2) -> Dict[str, float]:
+    """Runs ``fn`` ``calls`` times under the TF profiler; returns each category's share of op time.
+
+    Op time is summed over the executor's compute threads (ops on two threads overlap), so
+    shares, not absolute times, are meaningful.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    logdir = tempfile.mkdtemp(prefix="bench-profile-")
+    try:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(calls):
+            fn()
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    totals: Dict[str, float] = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                # Kernels are named 'node:OpType'; executor and tf.data events use '::'.
+                if ":" not in name or "::" in name:
+                    continue
+                op_type = name.rsplit(":", 1)[1]
+                if op_type not in _CONTAINERS:
+                    totals[_category(op_type)] += event.duration_ps
+    whole = sum(totals.values()) or 1
+    return {name: value / whole for name, value in sorted(totals.items(), key=lambda kv: -kv[1])}

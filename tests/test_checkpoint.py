@@ -1,0 +1,193 @@
+"""Checkpoints: state survives a restore, damaged checkpoints, foreign model_dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import numpy as np
+import pytest
+
+from tests.conftest import small_config
+from trainer import app, checkpoint
+from trainer.compat import tf
+from trainer.errors import UserError
+from trainer.trainer import Trainer
+
+
+def _folder_hashes(folder):
+    result = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                result[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return result
+
+
+def _checkpointed_trainer(model_dir, **overrides):
+    trainer = Trainer(small_config(**overrides))
+    return trainer, checkpoint.Checkpointer(trainer, model_dir=str(model_dir), keep=5)
+
+
+def test_loss_scale_good_steps_and_slots_survive_restore(tmp_path):
+    trainer, ckpt = _checkpointed_trainer(tmp_path, loss_scale="dynamic")
+    trainer.train_steps(5)
+    # Move the scale away from its initial value so a restore that skipped it would show.
+    trainer.optimizer._loss_scale._current_loss_scale.assign(1024.0)
+    trainer.train_steps(3)
+    saved = {
+        "scale": trainer.loss_scale,
+        "good": int(trainer.loss_scaler.good_steps),
+        "step": int(trainer.global_step.numpy()),
+        "slots": [v.numpy().copy() for v in trainer.optimizer.variables],
+        "weights": [w.numpy().copy() for w in trainer.model.weights],
+    }
+    assert saved["scale"] == 1024.0 and saved["good"] == 8 and saved["step"] == 8
+    path = ckpt.save()
+
+    fresh, fresh_ckpt = _checkpointed_trainer(tmp_path, loss_scale="dynamic")
+    assert fresh.loss_scale == 2.0 ** 15  # Not yet restored: the initial state.
+    assert fresh_ckpt.restore_or_initialize() == path
+    assert fresh.loss_scale == saved["scale"]
+    assert int(fresh.loss_scaler.good_steps) == saved["good"]
+    assert int(fresh.global_step.numpy()) == saved["step"]
+    assert len(fresh.optimizer.variables) == len(saved["slots"]) > 2
+    for restored, expected in zip(fresh.optimizer.variables, saved["slots"]):
+        np.testing.assert_array_equal(restored.numpy(), expected)
+    for restored, expected in zip(fresh.model.weights, saved["weights"]):
+        np.testing.assert_array_equal(restored.numpy(), expected)
+
+
+def test_resume_continues_the_same_data_order(tmp_path):
+    straight = Trainer(small_config(deterministic=True))
+    straight.train_steps(12)
+
+    first, ckpt = _checkpointed_trainer(tmp_path, deterministic=True)
+    first.train_steps(5)
+    ckpt.save()
+    second, second_ckpt = _checkpointed_trainer(tmp_path, deterministic=True)
+    second_ckpt.restore_or_initialize()
+    second.train_steps(7)
+    assert second.weights_checksum() == straight.weights_checksum()
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    trainer, ckpt = _checkpointed_trainer(tmp_path)
+    trainer.train_steps(2)
+    older = ckpt.save()
+    older_weights = [w.numpy().copy() for w in trainer.model.weights]
+    trainer.train_steps(2)
+    newest = ckpt.save()
+    _truncate(newest + ".data-00000-of-00001")
+
+    fresh, fresh_ckpt = _checkpointed_trainer(tmp_path)
+    assert fresh_ckpt.restore_or_initialize() == older
+    assert int(fresh.global_step.numpy()) == 2
+    for restored, expected in zip(fresh.model.weights, older_weights):
+        np.testing.assert_array_equal(restored.numpy(), expected)
+    assert f"checkpoint {newest} cannot be restored" in capsys.readouterr().err
+
+
+def test_all_checkpoints_damaged_is_a_clear_error_not_a_fresh_start(tmp_path):
+    trainer, ckpt = _checkpointed_trainer(tmp_path)
+    trainer.train_steps(2)
+    _truncate(ckpt.save() + ".index")
+    _, fresh_ckpt = _checkpointed_trainer(tmp_path)
+    with pytest.raises(UserError, match="no checkpoint in .* can be restored"):
+        fresh_ckpt.restore_or_initialize()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_args": {"units": 24}}, "model_args"),
+    ({"policy": "float32"}, "policy"),
+    ({"optimizer": "sgd"}, "optimizer"),
+])
+def test_model_dir_of_another_run_is_refused_and_left_unchanged(tmp_path, change, message):
+    model_dir = str(tmp_path / "run")
+    app.run(small_config(model_dir=model_dir))
+    before = _folder_hashes(model_dir)
+    assert any(name.startswith("checkpoints/ckpt-") for name in before)
+    with pytest.raises(UserError, match=f"its {message}.*Nothing was changed"):
+        app.run(small_config(model_dir=model_dir, **change))
+    assert _folder_hashes(model_dir) == before
+
+
+def test_allow_policy_change_resumes_weights_across_policies(tmp_path):
+    model_dir = str(tmp_path / "run")
+    first = app.run(small_config(model_dir=model_dir, policy="mixed_bfloat16"))
+    second = app.run(small_config(model_dir=model_dir, policy="float32", epochs=2,
+                                  allow_policy_change=True))
+    assert second["global_step"] == 2 * first["global_step"]
+
+
+def test_best_checkpoint_is_kept_separately(tmp_path):
+    model_dir = str(tmp_path / "run")
+    app.run(small_config(model_dir=model_dir, epochs=3, validation_split=0.25))
+    best = tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
+    assert best is not None and os.path.basename(best).startswith("best-")
+    values = dict(tf.train.list_variables(best))
+    assert "best_value/.ATTRIBUTES/VARIABLE_VALUE" in values
+
+
+# ------------------------------------------------------------------ killed and resumed runs
+
+_RUN_ARGS = ("--dataset=synthetic", "--synthetic_examples=8192", "--validation_split=0",
+             "--batch_size=64", "--epochs=5", "--model_args=units=256", "--device=cpu",
+             "--steps_per_loop=10", "--checkpoint_every=20", "--deterministic", "--progress=log")
+
+
+def _start(model_dir, metrics_file):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *_RUN_ARGS, f"--model_dir={model_dir}",
+         f"--metrics_file={metrics_file}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(model_dir, process, min_step, timeout=120):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+        if latest and int(latest.rsplit("-", 1)[1]) >= min_step:
+            return int(latest.rsplit("-", 1)[1])
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
+    import json
+    import signal
+
+    reference = _start(tmp_path / "straight", tmp_path / "straight.json")
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+
+    killed = _start(tmp_path / "killed", tmp_path / "killed.json")
+    step = _wait_for_checkpoint(str(tmp_path / "killed"), killed, min_step=60)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert not (tmp_path / "killed.json").exists()  # It really died before the end.
+
+    resumed = _start(tmp_path / "killed", tmp_path / "killed.json")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    resumed_at = int(re.search(r"resuming from \S+ at step (\d+)", out).group(1))
+    assert resumed_at >= step  # The newest checkpoint before the kill (it may be newer).
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    after = json.loads((tmp_path / "killed.json").read_text())
+    assert after["global_step"] == straight["global_step"] == 5 * (8192 // 64)
+    assert after["weights_checksum"] == straight["weights_checksum"]  # Bit-identical.
+    assert after["test_loss"] == straight["test_loss"]

@@ -1,0 +1,150 @@
+"""The loop: when things run (controller, actions), and what the step options compute."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import small_config
+from trainer import app, loop
+from trainer.actions import PeriodicAction
+from trainer.compat import tf
+from trainer.trainer import Trainer
+
+
+class _FakeTrainer:
+    """Counts steps like a Trainer, without TensorFlow work."""
+
+    def __init__(self):
+        self.global_step = tf.Variable(0, dtype=tf.int64)
+        self.loops = []
+
+    def train_steps(self, n):
+        self.loops.append(n)
+        self.global_step.assign_add(n)
+
+
+def test_controller_ends_loops_on_action_boundaries():
+    trainer, seen = _FakeTrainer(), []
+    actions = [PeriodicAction(lambda step, now: seen.append(("ckpt", step)), every_steps=25),
+               PeriodicAction(lambda step, now: seen.append(("eval", step)), every_steps=40)]
+    controller = loop.Controller(trainer=trainer, total_steps=100, steps_per_loop=30,
+                                 actions=actions, clock=lambda: 0.0)
+    assert controller.run()
+    assert sum(trainer.loops) == 100
+    assert max(trainer.loops) <= 30
+    assert [s for kind, s in seen if kind == "ckpt"] == [25, 50, 75, 100]
+    assert [s for kind, s in seen if kind == "eval"] == [40, 80]
+
+
+def test_controller_stops_when_asked_and_resumes_from_the_step():
+    trainer = _FakeTrainer()
+    calls = []
+    controller = loop.Controller(trainer=trainer, total_steps=50, steps_per_loop=10,
+                                 should_stop=lambda: len(trainer.loops) == 2,
+                                 actions=[PeriodicAction(lambda s, n: calls.append(s))])
+    assert controller.run() is False
+    assert int(trainer.global_step.numpy()) == 20 and calls == [10, 20]
+    assert loop.Controller(trainer=trainer, total_steps=50, steps_per_loop=10).run()
+    assert int(trainer.global_step.numpy()) == 50
+
+
+def test_time_based_action_uses_the_injected_clock():
+    ran = []
+    action = PeriodicAction(lambda step, now: ran.append((step, now)), every_secs=10)
+    for step, now in [(1, 100.0), (2, 105.0), (3, 110.0), (4, 115.0), (5, 120.5)]:
+        action(step, now)
+    assert ran == [(3, 110.0), (5, 120.5)]
+    assert action(6, 121.0, force=True) and ran[-1] == (6, 121.0)
+
+
+def _weights(trainer):
+    return [w.numpy() for w in trainer.model.trainable_weights]
+
+
+@pytest.mark.parametrize("loss_scale", ["none", "dynamic"])
+def test_grad_accumulation_matches_one_big_batch(loss_scale):
+    common = dict(policy="float32", optimizer="sgd", learning_rate=0.1, batch_size=32,
+                  loss_scale=loss_scale, deterministic=True)
+    whole = Trainer(small_config(**common))
+    micro = Trainer(small_config(grad_accum_steps=4, **common))
+    for a, b in zip(_weights(whole), _weights(micro)):
+        np.testing.assert_array_equal(a, b)
+    whole.train_steps(3)
+    micro.train_steps(3)
+    assert int(micro.global_step.numpy()) == 3  # One optimizer step per 4 micro-batches.
+    for a, b in zip(_weights(whole), _weights(micro)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The logged loss is the unscaled per-example mean, whatever the split.
+    np.testing.assert_allclose(whole.train_results()["loss"], micro.train_results()["loss"],
+                               rtol=1e-5)
+
+
+def test_clip_norm_applies_to_unscaled_gradients():
+    # SGD with lr 1 and a tiny clip: each step moves the weights by at most clip_norm.
+    config = small_config(optimizer="sgd", learning_rate=1.0, clip_norm=1e-3,
+                          policy="mixed_bfloat16", loss_scale="dynamic")
+    trainer = Trainer(config)
+    before = _weights(trainer)
+    trainer.train_steps(1)
+    moved = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(_weights(trainer), before)))
+    # Clipping the scaled gradient (x32768) and unscaling afterwards would move the weights
+    # 32768 times less than clip_norm.
+    np.testing.assert_allclose(moved, 1e-3, rtol=1e-3)
+
+
+def test_jit_compile_gives_the_same_loss_curve():
+    def curve(jit):
+        trainer = Trainer(small_config(jit_compile=jit, policy="float32", synthetic_examples=512))
+        losses = []
+        for _ in range(4):
+            trainer.train_results(reset=True)
+            trainer.train_steps(4)
+            losses.append(trainer.train_results()["loss"])
+        return losses
+
+    np.testing.assert_allclose(curve(True), curve(False), rtol=1e-4)
+
+
+def test_non_finite_storm_stops_training():
+    class Diverging(Trainer):
+        def compute_loss(self, labels, outputs):
+            return super().compute_loss(labels, outputs) * float("inf")
+
+    trainer = Diverging(small_config(max_consecutive_skips=5, steps_per_loop=3,
+                                     synthetic_examples=1024))
+    with pytest.raises(loop.TrainingStopped, match="non-finite"):
+        loop.fit(trainer)
+    assert int(trainer.consecutive_skips.numpy()) >= 5
+    assert int(trainer.skipped_steps.numpy()) == int(trainer.global_step.numpy())
+
+
+def test_tensorboard_events_hold_the_scalars(tmp_path):
+    model_dir = str(tmp_path / "run")
+    app.run(small_config(model_dir=model_dir, validation_split=0.25, epochs=2))
+    tags = {}
+    for split in ("train", "validation"):
+        for path in glob.glob(os.path.join(model_dir, split, "events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(path):
+                for value in event.summary.value:
+                    tags.setdefault(split, {})[value.tag] = event.step
+    assert {"loss", "accuracy", "loss_scale", "learning_rate", "examples_per_sec",
+            "skipped_steps"} <= set(tags["train"])
+    assert {"loss", "accuracy"} <= set(tags["validation"])
+    assert tags["train"]["loss"] == 2 * (192 // 32)  # Last write at the final step.
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0, [0.1, 0.1, 0.1]),
+    ("constant", 4, [0.0, 0.05, 0.1]),
+    ("cosine", 0, [0.1, 0.05, 0.0]),
+])
+def test_learning_rate_schedules(schedule, warmup, expected):
+    from trainer import optimizers
+
+    lr = optimizers.schedule(schedule, 0.1, total_steps=8, warmup_steps=warmup)
+    values = [float(lr(s)) if callable(lr) else lr for s in (0, 2 if warmup else 4, 8)]
+    np.testing.assert_allclose(values, expected, atol=1e-6)

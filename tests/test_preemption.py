@@ -1,0 +1,48 @@
+"""SIGTERM/SIGINT: finish the step loop, checkpoint, exit 0, resume cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from tests.test_checkpoint import _start, _wait_for_checkpoint
+from trainer.compat import tf
+from trainer.preemption import PreemptionWatcher
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
+    model_dir = str(tmp_path / "run")
+    process = _start(model_dir, tmp_path / "m.json")
+    _wait_for_checkpoint(model_dir, process, min_step=40)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    match = re.search(r"stopped by (SIG\w+) at step (\d+); checkpoint saved", out)
+    assert match, out
+    assert match.group(1) == signal.Signals(sig).name
+    step = int(match.group(2))
+    total = 5 * (8192 // 64)
+    assert 40 <= step < total
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest.endswith(f"ckpt-{step}")
+    assert not (tmp_path / "m.json").exists()  # An unfinished run writes no metrics.
+
+    resumed = _start(model_dir, tmp_path / "m.json")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming from {latest} at step {step}" in out
+    assert json.loads((tmp_path / "m.json").read_text())["global_step"] == total
+
+
+def test_watcher_records_the_signal_and_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionWatcher() as watcher:
+        assert not watcher.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watcher.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before
