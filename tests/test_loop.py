@@ -148,3 +148,25 @@ def test_learning_rate_schedules(schedule, warmup, expected):
     lr = optimizers.schedule(schedule, 0.1, total_steps=8, warmup_steps=warmup)
     values = [float(lr(s)) if callable(lr) else lr for s in (0, 2 if warmup else 4, 8)]
     np.testing.assert_allclose(values, expected, atol=1e-6)
+
+
+def test_user_actions_run_on_their_schedule_through_app_run():
+    seen = []
+    summary = app.run(small_config(epochs=2),
+                      actions=[PeriodicAction(lambda step, now: seen.append(step), every_steps=3)])
+    assert summary["global_step"] == 2 * (256 // 32)
+    assert seen == [3, 6, 9, 12, 15]
+
+
+def test_progress_bar_on_terminals_and_log_lines_otherwise(capsys):
+    from trainer import reporting
+
+    assert reporting.progress_mode("auto") == "log"  # pytest's stdout is not a terminal.
+    assert reporting.progress_mode("bar") == "bar"
+    trainer = Trainer(small_config())
+    bar = reporting.ProgressBar(8, trainer.train_metrics)
+    for step in (4, 8):
+        trainer.train_steps(4)
+        bar.update(trainer, step)
+    out = capsys.readouterr().out
+    assert "8/8 [" in out and "loss:" in out and "loss_scale: 32768" in out

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Type
+from typing import Sequence, Type
 
 from trainer import checkpoint, devices, distribute, loop, registry, reporting
 from trainer.config import TrainConfig
 from trainer import preemption
+from trainer.actions import PeriodicAction
 from trainer.preemption import PreemptionWatcher
 from trainer.summaries import SummaryWriter
 from trainer.trainer import Trainer
@@ -26,12 +27,19 @@ def main(config: TrainConfig) -> int:
     return 0
 
 
-def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
+def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
+        actions: Sequence[PeriodicAction] = ()) -> dict:
     """Selects the device, builds the Trainer, resumes, trains, tests, writes the metrics file.
 
     Every check of user input (model name and arguments, device, data files, output paths,
     a model_dir from another run) happens before the first step, so a mistake costs seconds
     and changes nothing on disk.
+
+    Args:
+      config: the run's settings.
+      trainer_cls: a Trainer subclass to train instead of the registered ``config.model``.
+      actions: extra periodic actions (e.g. a custom logger), run on every worker after
+        each step loop.
 
     Returns:
       The summary that ``--metrics_file`` receives (``preempted`` is set when a signal
@@ -64,13 +72,14 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
     if verbose:
         reporting.banner(device=device, config=config, trainer=trainer)
     mode = reporting.progress_mode(config.progress)
-    progress = reporting.ProgressBar(trainer.datasets.steps_per_epoch) \
+    progress = reporting.ProgressBar(trainer.datasets.steps_per_epoch, trainer.train_metrics) \
         if mode == "bar" and verbose else None
     summaries = SummaryWriter(config.model_dir, enabled=chief)
     try:
         with PreemptionWatcher() as watcher:
             result = loop.fit(
                 trainer, checkpointer=checkpointer, summaries=summaries, progress=progress,
+                extra_actions=actions,
                 on_epoch_end=reporting.print_epoch if verbose and mode != "none" else None,
                 should_stop=lambda: preemption.agree(cluster, watcher.signal_name))
     finally:

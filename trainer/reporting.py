@@ -74,24 +74,21 @@ def warn(message: str) -> None:
 class ProgressBar:
     """A Keras ``Progbar`` per epoch, with ETA, for interactive terminals."""
 
-    def __init__(self, steps_per_epoch: int):
+    def __init__(self, steps_per_epoch: int, metric_names):
         from trainer.compat import keras  # Only bar mode needs Keras here.
 
-        self._progbar_cls = keras.utils.Progbar
         self.steps_per_epoch = steps_per_epoch
-        self._bar = None
-        self._epoch = -1
+        # Every value shown is already a running mean or a state: Progbar must not average it.
+        self._new_bar = lambda: keras.utils.Progbar(
+            steps_per_epoch, stateful_metrics=list(metric_names) + ["loss_scale"])
+        self._bar = self._new_bar()  # Its clock starts now, with the epoch.
 
     def update(self, trainer, step: int) -> None:
-        epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
-        in_epoch += 1
+        in_epoch = (step - 1) % self.steps_per_epoch + 1
         values = list(trainer.train_results().items()) + [("loss_scale", trainer.loss_scale)]
-        if self._bar is None or epoch != self._epoch:
-            self._epoch = epoch
-            # Every value is already a running mean or a state: show it as it is.
-            self._bar = self._progbar_cls(self.steps_per_epoch,
-                                          stateful_metrics=[name for name, _ in values])
         self._bar.update(in_epoch, values=values, finalize=in_epoch == self.steps_per_epoch)
+        if in_epoch == self.steps_per_epoch:
+            self._bar = self._new_bar()
 
 
 def progress_mode(requested: str) -> str:
