@@ -29,8 +29,29 @@ define apt_install
 	apt-get install -y --no-install-recommends $(1) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y --no-install-recommends $(1); }
 endef
 
+# The stack Habana's Gaudi bridge needs: Python 3.10 (else python3), TensorFlow 2.15 with
+# Keras 2 built in, in its own venv. It runs a named core subset of the suite (the Trainer,
+# loss scaling, dtype policies, checkpoints, devices, distribution, the launcher) to keep CI short.
+PYTHON310 ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null) \
+	$(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python) $(PYTHON))
+VENV215 := .venv-tf215
+PY215 := $(VENV215)/bin/python
+TF215_TESTS := tests/test_trainer.py tests/test_loss_scale.py tests/test_precision.py \
+	tests/test_checkpoint.py \
+	tests/test_devices.py tests/test_distribute.py tests/test_launch.py
+
+$(VENV215)/.installed: requirements-tf215.txt
+	test -x $(PY215) || $(PYTHON310) -m venv $(VENV215)
+	$(PY215) -m pip install --quiet --upgrade pip
+	$(PY215) -m pip install --quiet -r requirements-tf215.txt
+	touch $@
+
+test-tf215: $(VENV215)/.installed $(FMNIST) /usr/bin/mpirun
+	$(PY215) -m pytest -q -p no:cacheprovider $(TF215_TESTS)
+
 run: setup
 	$(PY) run.py --policy=mixed_bfloat16 $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-tf215

@@ -1,6 +1,6 @@
 """Train a model with mixed precision: `python run.py --policy=mixed_bfloat16`.
 
-Flags -> TrainConfig -> trainer.run(config). A user mistake prints one line and exits 2.
+Flags -> TrainConfig -> trainer.main(config). A user mistake prints one line and exits 1.
 """
 
 import os
@@ -79,12 +79,13 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}; flags look like --name=value "
                  "(see --helpfull)")
-    import trainer  # Imports TensorFlow: after flag parsing so --help stays fast.
+    import trainer
+    from trainer.compat import tf  # Imports TensorFlow: after flag parsing, so --help is fast.
 
     if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):
         # TF's Python INFO lines (checkpoint timings) are noise to a user.
         logging.set_verbosity(logging.WARNING)
-        trainer.compat.tf.get_logger().setLevel("WARNING")
+        tf.get_logger().setLevel("WARNING")
 
     try:
         config = trainer.TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS})

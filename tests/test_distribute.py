@@ -156,6 +156,33 @@ def test_single_worker_multi_worker_strategy_in_process(clean_env, make_config):
     assert options.timeout_seconds == distribute.COLLECTIVE_TIMEOUT_S
 
 
+def test_mirrored_strategy_on_local_devices(clean_env, make_config):
+    cpu = devices.DeviceInfo("cpu", "/device:CPU:0", "cpu", False)
+    cluster = distribute.setup(make_config(distribution="mirrored"), cpu)
+    assert isinstance(cluster.strategy, tf.distribute.MirroredStrategy)
+    assert cluster.strategy.num_replicas_in_sync == 1  # No GPU here: the CPU alone.
+    assert (cluster.kind, cluster.is_chief, cluster.num_workers) == ("mirrored", True, 1)
+    with pytest.raises(UserError, match="--distribution=hpu under mpirun"):
+        distribute.setup(make_config(distribution="mirrored"),
+                         devices.DeviceInfo("hpu", "/device:HPU:0", "hpu", True))
+
+
+def test_dead_peer_error_becomes_one_line(clean_env):
+    message = ("Graph execution error:\n\nCollective ops is aborted by: Socket closed\n"
+               "Additional GRPC error information from remote target /job:worker/task:1")
+    with pytest.raises(tf.errors.UnavailableError):  # One process: not ours to translate.
+        with distribute.worker_failures_as_errors():
+            raise tf.errors.UnavailableError(None, None, message)
+    clean_env.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(distribute.WorkerLostError) as error:
+        with distribute.worker_failures_as_errors():
+            raise tf.errors.UnavailableError(None, None, message)
+    text = str(error.value)
+    assert "\n" not in text and "Collective ops is aborted by: Socket closed" in text
+    assert text.startswith("another worker of this job stopped responding")
+
+
 # ---------------------------------------------------------------- bad input: one line each
 
 def _one_error_line(result) -> str:
@@ -284,12 +311,14 @@ def test_killed_worker_stops_the_job_and_chief_checkpoint_survives(tmp_path):
     assert proc.returncode != 0
     assert stopped_after < 30, stopped_after
     assert "[launch] worker 1 was killed by SIGKILL; stopping the other 1 worker(s)" in output
-    # The chief's newest checkpoint is whole: a single process resumes from it.
+    # The chief's newest checkpoint is whole: a one-worker job under the same strategy resumes
+    # from it (a strategy's input iterator is not saved, so the default strategy, which saves
+    # its iterator, would not match).
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     saved_step = int(re.search(r"ckpt-(\d+)$", latest).group(1))
     assert saved_step >= 20 and saved_step % 10 == 0
     result = run_cli(*args, "--synthetic_examples=20000", "--epochs=1", "--steps_per_loop=10",
-                     f"--model_dir={model_dir}", "--distribution=none", timeout=180)
+                     f"--model_dir={model_dir}", "--distribution=multi_worker", timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {saved_step}" in result.stdout
 

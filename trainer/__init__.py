@@ -1,11 +1,30 @@
-"""Mixed-precision training with TensorFlow custom loops (Keras 2 loss scaling, explicit)."""
+"""Mixed-precision training with TensorFlow custom loops (Keras 2 loss scaling, explicit).
 
-from trainer.actions import PeriodicAction
-from trainer.app import main, run
-from trainer.config import TrainConfig
-from trainer.errors import ConfigError, UserError
-from trainer.registry import register_model
-from trainer.trainer import Trainer
+The public names are imported lazily (PEP 562), so ``import trainer.config`` (what ``run.py``
+needs to define its flags) does not pull in TensorFlow and ``--help`` stays fast.
+"""
 
-__all__ = ["main", "run", "PeriodicAction", "TrainConfig", "Trainer", "register_model",
-           "UserError", "ConfigError"]
+import importlib
+
+_EXPORTS = {
+    "main": "trainer.app",
+    "run": "trainer.app",
+    "PeriodicAction": "trainer.actions",
+    "TrainConfig": "trainer.config",
+    "Trainer": "trainer.trainer",
+    "register_model": "trainer.registry",
+    "UserError": "trainer.errors",
+    "ConfigError": "trainer.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -6,10 +6,14 @@ TensorFlow >= 2.16 and the built-in ``tf.keras`` on TensorFlow 2.15 (the version
 Gaudi bridge needs). Every other module imports ``keras`` from here, never directly.
 """
 
+import importlib.util
 import os
 
 # Must be set before TensorFlow is imported so that `tf.keras` in user code is Keras 2 too.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# Only when tf_keras is installed: TF 2.15's tf.keras *is* Keras 2, and with this variable set
+# it would look for the (absent) tf_keras package and fail to import.
+if importlib.util.find_spec("tf_keras") is not None:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import tensorflow as tf  # noqa: E402
 

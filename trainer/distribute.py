@@ -176,14 +176,9 @@ def _collective_strategy(kind: str) -> tf.distribute.Strategy:
     else:
         strategy_cls = tf.distribute.MultiWorkerMirroredStrategy
         kwargs = {"communication_options": options}
-    try:
-        return strategy_cls(**kwargs)
-    except RuntimeError as error:
-        if "must be configured at program startup" in str(error) or "initialized" in str(error):
-            raise UserError(
-                "the multi-worker strategy must be created before any TensorFlow op runs in the "
-                f"process ({error}); call trainer.distribute.setup() first") from None
-        raise
+    # With TF_CONFIG set this raises "Collective ops must be configured at program startup"
+    # if the TensorFlow runtime already started (any op, or listing *logical* devices).
+    return strategy_cls(**kwargs)
 
 
 def _check_batch(batch_size: int, replicas: int) -> None:

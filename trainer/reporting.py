@@ -21,7 +21,7 @@ def banner(*, device, config, trainer) -> None:
     params = trainer.model.count_params()
     _out(f"device: {device.description}")
     _out(f"policy: {config.policy} | loss scale: {config.resolved_loss_scale} | "
-         f"model: {config.model} ({params:,} parameters) | optimizer: {config.optimizer} "
+         f"model: {trainer.model_name} ({params:,} parameters) | optimizer: {config.optimizer} "
          f"lr={config.learning_rate}")
     _out(f"data: {config.dataset} from {ds.source}: {ds.num_train} train / "
          f"{ds.num_validation} validation / {ds.num_test} test, batch {config.batch_size}, "

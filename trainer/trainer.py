@@ -129,6 +129,13 @@ class Trainer:
         return self.optimizer.iterations
 
     @property
+    def model_name(self) -> str:
+        """The registered name (``config.model``), or the model's own for a custom build_model."""
+        if type(self).build_model is Trainer.build_model:
+            return self.config.model
+        return self.model.name
+
+    @property
     def loss_scale(self) -> float:
         """The current loss scale (1.0 when loss scaling is off)."""
         return float(self.loss_scaler.scale)
@@ -140,14 +147,18 @@ class Trainer:
         loss-scale state (current scale, good-step counter), the skip counters, the training
         metrics of the running epoch and the input iterator's position.
         """
-        return {
+        items = {
             "model": self.model,
             "optimizer": self.optimizer,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
             "train_metrics": tf.train.Checkpoint(**self.train_metrics),
-            "train_iterator": self.train_iterator,
         }
+        # A tf.distribute iterator (any strategy but the default) is not trackable: under a
+        # strategy the input position is not saved and a resumed run restarts the data order.
+        if isinstance(self.train_iterator, tf.__internal__.tracking.Trackable):
+            items["train_iterator"] = self.train_iterator
+        return items
 
     def weights_checksum(self) -> float:
         """A float64 sum of every model weight, to compare runs."""
