@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import re
 import shutil
 import tempfile
 from typing import Callable, Dict
@@ -13,23 +14,25 @@ from trainer.compat import tf
 # Ops that only contain other ops; counting them would count their children twice.
 _CONTAINERS = {"While", "StatelessWhile", "StatefulPartitionedCall", "PartitionedCall", "If",
                "StatelessIf", "IteratorGetNext"}
-CATEGORIES = (
-    ("matmul/conv", ("MatMul", "Conv", "Einsum", "BatchMatMul", "_MklFused", "_FusedConv",
-                     "_MklNativeFused", "_MklNativeConv", "_MklNativeMatMul")),
-    ("cast", ("Cast",)),
-    ("optimizer update", ("ResourceApply", "AssignVariable", "AssignAddVariable",
-                          "AssignSubVariable", "ReadVariableOp")),
-    ("loss-scale checks", ("IsFinite", "All")),
-    ("normalisation", ("FusedBatchNorm", "Mean", "SquaredDifference", "Rsqrt")),
-    ("softmax/loss", ("Softmax", "SparseSoftmax", "Log")),
-)
+_MATMUL = ("MatMul", "Conv", "Einsum")
+_OPTIMIZER = re.compile(r"/(Adam|AdamW|SGD|RMSprop|update_step)[/_]")
 
 
-def _category(op_type: str) -> str:
-    for name, prefixes in CATEGORIES:
-        if any(op_type.startswith(p) or p in op_type for p in prefixes):
-            return name
-    return "other elementwise/reductions"
+def category(node: str, op_type: str) -> str:
+    """Which part of a train step a kernel belongs to, from its node name and op type."""
+    if op_type == "Cast":
+        return "casts (fp32<->16-bit)"
+    if _OPTIMIZER.search(node):
+        return "optimizer update (float32)"
+    if any(m in op_type for m in _MATMUL):
+        return "matmul/conv (fwd+bwd)"
+    if op_type in ("IsFinite", "All"):
+        return "loss-scale finiteness checks"
+    if "fusion" in node or op_type.startswith(("_Xla", "Xla")):
+        return "XLA-compiled clusters"
+    if "gradient_tape/" in node:
+        return "backward elementwise/reductions"
+    return "forward elementwise/other"
 
 
 def profile_ops(fn: Callable[[], None], *, calls: int = 2) -> Dict[str, float]:
@@ -61,8 +64,8 @@ def profile_ops(fn: Callable[[], None], *, calls: int = 2) -> Dict[str, float]:
                 # Kernels are named 'node:OpType'; executor and tf.data events use '::'.
                 if ":" not in name or "::" in name:
                     continue
-                op_type = name.rsplit(":", 1)[1]
+                node, op_type = name.rsplit(":", 1)
                 if op_type not in _CONTAINERS:
-                    totals[_category(op_type)] += event.duration_ps
+                    totals[category(node, op_type.strip())] += event.duration_ps
     whole = sum(totals.values()) or 1
     return {name: value / whole for name, value in sorted(totals.items(), key=lambda kv: -kv[1])}

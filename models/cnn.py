@@ -7,7 +7,7 @@ from trainer.registry import register_model
 
 @register_model("cnn")
 def cnn(*, input_shape, num_classes: int, width: int = 32, depth: int = 2, dense_units: int = 128,
-        dropout: float = 0.1) -> keras.Model:
+        dropout: float = 0.1, head_dropout: float = 0.3) -> keras.Model:
     """``depth`` stages of two 3x3 conv + BatchNorm + relu, then 2x2 max-pooling and dropout.
 
     Stage ``i`` has ``width * 2**i`` filters. A Dense(dense_units) relu head, the logits and a
@@ -18,12 +18,14 @@ def cnn(*, input_shape, num_classes: int, width: int = 32, depth: int = 2, dense
       width: filters of the first stage.
       depth: number of stages (each halves the spatial size).
       dense_units: width of the hidden Dense layer.
-      dropout: dropout rate after each stage (the head uses twice this rate).
+      dropout: dropout rate after each stage.
+      head_dropout: dropout rate after the hidden Dense layer (most parameters are there).
     """
     positive_int("cnn", "width", width)
     positive_int("cnn", "depth", depth)
     positive_int("cnn", "dense_units", dense_units)
     fraction("cnn", "dropout", dropout)
+    fraction("cnn", "head_dropout", head_dropout)
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs
@@ -40,7 +42,7 @@ def cnn(*, input_shape, num_classes: int, width: int = 32, depth: int = 2, dense
         x = layers.Dropout(dropout, name=f"stage{stage + 1}_dropout")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(dense_units, activation="relu", name="dense_hidden")(x)
-    x = layers.Dropout(min(2 * dropout, 0.5), name="head_dropout")(x)
+    x = layers.Dropout(head_dropout, name="head_dropout")(x)
     x = layers.Dense(num_classes, name="dense_logits")(x)
     outputs = layers.Activation("softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs=inputs, outputs=outputs, name="cnn")

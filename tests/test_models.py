@@ -101,3 +101,23 @@ def test_statistics_check_detects_low_precision_statistics():
 def test_bad_model_args_are_refused(model, args):
     with pytest.raises(ConfigError, match=f"{model}: "):
         registry.build_model(model, input_shape=(28, 28, 1), num_classes=10, model_args=args)
+
+
+def test_flop_counts_used_by_the_benchmarks():
+    from benchmarks import flops
+
+    def build(model, args):
+        return registry.build_model(model, input_shape=(28, 28, 1), num_classes=10, model_args=args)
+
+    assert flops.forward_flops(build("mlp", {"units": 64})) == 2 * (784 * 64 + 64 * 64 + 64 * 10)
+    # cnn, one stage of width 4: two 3x3 convs at 28x28, then Dense 14*14*4 -> 16 -> 10.
+    cnn = build("cnn", {"width": 4, "depth": 1, "dense_units": 16})
+    convs = 2 * 9 * 28 * 28 * (1 * 4 + 4 * 4)
+    assert flops.forward_flops(cnn) == convs + 2 * (14 * 14 * 4 * 16 + 16 * 10)
+    # transformer: 16 tokens of width 8 from 7x7 patches, one block with 2 heads of 4.
+    vit = build("transformer", {"patch_size": 7, "dim": 8, "depth": 1, "heads": 2, "mlp_ratio": 2})
+    patches = 2 * 16 * 49 * 8
+    attention = 2 * 16 * 8 * 8 * 4 + 2 * 2 * 16 * 16 * 8
+    mlp = 2 * 16 * (8 * 16 + 16 * 8)
+    assert flops.forward_flops(vit) == patches + attention + mlp + 2 * 8 * 10
+    assert flops.train_flops_per_step(vit, 32) == 3 * 32 * flops.forward_flops(vit)

@@ -33,6 +33,11 @@ HABANA_STRATEGY_MODULE = "habana_frameworks.tensorflow.distribute"
 # A collective that waits longer than this for a peer fails (DeadlineExceeded) instead of
 # hanging: generous, because the first collective also waits for every worker to start.
 COLLECTIVE_TIMEOUT_S = 600
+# TensorFlow's coordination service declares a worker dead after this long without a
+# heartbeat. Its default (10 s) fails healthy jobs on a busy machine (seen with two workers on
+# two shared cores); a dead worker is still noticed at once by its peers' broken connections
+# and by the launcher (trainer.launch, mpirun).
+HEARTBEAT_TIMEOUT_S = 60
 
 
 class WorkerLostError(UserError):
@@ -176,9 +181,33 @@ def _collective_strategy(kind: str) -> tf.distribute.Strategy:
     else:
         strategy_cls = tf.distribute.MultiWorkerMirroredStrategy
         kwargs = {"communication_options": options}
+    _configure_coordination_service()
     # With TF_CONFIG set this raises "Collective ops must be configured at program startup"
     # if the TensorFlow runtime already started (any op, or listing *logical* devices).
     return strategy_cls(**kwargs)
+
+
+def _configure_coordination_service() -> None:
+    """What MultiWorkerMirroredStrategy would configure, with a longer heartbeat timeout.
+
+    The strategy leaves an already configured coordination service alone. There is no public
+    API for the timeout (ParameterServerStrategy sets it the same way).
+    """
+    from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
+
+    ctx = context.context()
+    if not os.environ.get("TF_CONFIG") or ctx.coordination_service is not None:
+        return
+    cluster = worker_env.read_tf_config(os.environ["TF_CONFIG"])["cluster"]
+    jobs = [job for job in ("chief", "worker") if cluster.get(job)]
+    if not jobs:
+        return
+    proto = context.coordination_config_pb2
+    ctx.configure_coordination_service(
+        service_type="standalone", service_leader=f"/job:{jobs[0]}/replica:0/task:0",
+        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_S * 1000,
+        coordinated_jobs=[proto.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
+                          for job in jobs])
 
 
 def _check_batch(batch_size: int, replicas: int) -> None:

@@ -30,7 +30,7 @@ def banner(*, device, config, trainer) -> None:
 
 def epoch_line(log) -> str:
     """One line per epoch, like Keras' verbose=2 output plus loss-scaling state."""
-    parts = [f"epoch {log.epoch}/{log.epochs}"]
+    parts = [f"epoch {log.epoch}/{log.epochs}", f"step {log.global_step}"]
     parts += [f"{k} {v:.4f}" for k, v in log.train.items()]
     parts += [f"val_{k} {v:.4f}" for k, v in log.validation.items()]
     parts += [f"{log.ms_per_step:.2f} ms/step", f"{log.examples_per_sec:,.0f} examples/s",
