@@ -45,16 +45,16 @@ def stand_in(tmp_path, monkeypatch):
     _forget_habana()
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(tf, "__version__", "2.15.0")
-    real_list = tf.config.list_logical_devices
+    real_list = tf.config.list_physical_devices
 
-    def list_logical_devices(device_type=None):
+    def list_physical_devices(device_type=None):
         if device_type == "HPU":
             bridge = sys.modules.get(devices.HABANA_MODULE)
             loaded = bridge is not None and bridge.LOAD_CALLS
-            return [tf.config.LogicalDevice("/device:HPU:0", "HPU")] if loaded else []
+            return [tf.config.PhysicalDevice("/physical_device:HPU:0", "HPU")] if loaded else []
         return real_list(device_type)
 
-    monkeypatch.setattr(tf.config, "list_logical_devices", list_logical_devices)
+    monkeypatch.setattr(tf.config, "list_physical_devices", list_physical_devices)
     import habana_frameworks.tensorflow as bridge  # noqa: E402 - the stand-in
     yield bridge
     _forget_habana()

@@ -348,16 +348,16 @@ def habana_stand_in(tmp_path, clean_env):
         clean_env.delitem(sys.modules, name)
     clean_env.syspath_prepend(str(tmp_path))
     clean_env.setattr(tf, "__version__", devices.HABANA_TF_VERSION)
-    real = tf.config.list_logical_devices
+    real = tf.config.list_physical_devices
 
-    def list_logical_devices(kind=None):
+    def list_physical_devices(kind=None):
         bridge = sys.modules.get(devices.HABANA_MODULE)
         if kind == "HPU":
-            return [tf.config.LogicalDevice("/device:HPU:0", "HPU")] \
+            return [tf.config.PhysicalDevice("/physical_device:HPU:0", "HPU")] \
                 if bridge is not None and bridge.loaded else []
         return real(kind)
 
-    clean_env.setattr(tf.config, "list_logical_devices", list_logical_devices)
+    clean_env.setattr(tf.config, "list_physical_devices", list_physical_devices)
     yield clean_env
     for name in [n for n in sys.modules if n.startswith("habana_frameworks")]:
         del sys.modules[name]

@@ -12,14 +12,13 @@ import dataclasses
 import gzip
 import os
 import zipfile
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
 from trainer.compat import keras, tf
 from trainer.errors import UserError
 
-TRAIN_PREFETCH = 2
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -54,6 +53,9 @@ class Datasets:
       validation: finite, or None when ``validation_split`` is 0.
       test: finite.
       steps_per_epoch: full batches in one pass over the training split.
+      train_from: optional; ``train_from(n)`` is ``train`` with its first ``n`` examples
+        skipped. With it a resumed run rebuilds its input position from the global step,
+        under any strategy, and checkpoints hold no iterator state.
     """
 
     train: tf.data.Dataset
@@ -66,6 +68,7 @@ class Datasets:
     num_validation: int
     num_test: int
     source: str
+    train_from: Optional[Callable[[int], tf.data.Dataset]] = None
 
 
 # ---------------------------------------------------------------------------- loading
@@ -231,24 +234,26 @@ def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, s
         return _to_float(tf.gather(x_train, indices), tf.gather(y_train, indices))
 
     def epoch_order(epoch):
-        # A fresh permutation per epoch from (seed, epoch), without a shuffle buffer: a
-        # checkpointed iterator then holds a position and an epoch number, not 50k indices.
+        # A fresh permutation per epoch from (seed, epoch): the order is a pure function of
+        # the position, so a resumed run can rebuild it without saving iterator state.
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n_train, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         return tf.data.Dataset.from_tensor_slices(order)
 
-    train = (tf.data.Dataset.range(2 ** 62)
-             .flat_map(epoch_order)
-             .batch(batch_size, drop_remainder=True)
-             # Sequential map and a fixed, short prefetch: a checkpoint saves the iterator
-             # with every buffered batch, and AUTOTUNE buffers megabytes of them.
-             .map(gather)
-             .prefetch(TRAIN_PREFETCH))
+    def train_from(examples_seen: int) -> tf.data.Dataset:
+        first_epoch, offset = divmod(int(examples_seen), n_train)
+        return (tf.data.Dataset.range(first_epoch, 2 ** 62)
+                .flat_map(epoch_order)
+                .skip(offset)
+                .batch(batch_size, drop_remainder=True)
+                .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .prefetch(tf.data.AUTOTUNE))
+
     validation = None
     if n_val:
         validation = _finite(arrays.x_train[n_train:], arrays.y_train[n_train:], batch_size)
     return Datasets(
-        train=train, validation=validation,
+        train=train_from(0), train_from=train_from, validation=validation,
         test=_finite(arrays.x_test, arrays.y_test, batch_size),
         steps_per_epoch=n_train // batch_size, input_shape=arrays.input_shape,
         num_classes=arrays.num_classes, num_train=n_train, num_validation=n_val,

@@ -92,14 +92,17 @@ def load_habana() -> DeviceInfo:
     except ImportError as error:
         raise UserError(_habana_missing_message(f"importing it failed ({error})")) from None
     habana.load_habana_module()
-    hpus = tf.config.list_logical_devices("HPU")
+    # Physical, not logical, devices: listing logical ones starts the TensorFlow runtime, and
+    # a multi-worker strategy (HPUStrategy) must be created before that happens.
+    hpus = tf.config.list_physical_devices("HPU")
     if not hpus:
         raise UserError(
             "--device=hpu: Habana's bridge loaded but TensorFlow sees no HPU device; check that "
             "the Gaudi driver is loaded (hl-smi lists the cards) and that HABANA_VISIBLE_MODULES "
             "does not hide them")
     device_type = getattr(habana, "get_device_type", lambda: "Gaudi")()
-    return DeviceInfo("hpu", hpus[0].name, f"Intel {device_type} HPU ({hpus[0].name})", True)
+    name = "/device:HPU:0"
+    return DeviceInfo("hpu", name, f"Intel {device_type} HPU ({len(hpus)} visible)", True)
 
 
 def _gpu_info(gpu) -> DeviceInfo:

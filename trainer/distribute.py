@@ -95,7 +95,7 @@ def prepare(config, env: Optional[MutableMapping[str, str]] = None) -> None:
         raise UserError(
             f"{rank.source} started {rank.size} workers but --distribution={config.distribution} "
             "trains each of them alone; use --distribution=multi_worker (hpu on Gaudi, or auto)")
-    if "TF_CONFIG" not in env and config.distribution != "none":
+    if "TF_CONFIG" not in env and rank.size > 1:
         env["TF_CONFIG"] = json.dumps(worker_env.derive_tf_config(
             rank, worker_hosts=config.worker_hosts, base_port=config.base_port))
     if _wants_habana(config):

@@ -58,7 +58,7 @@ class Trainer:
             self.skipped_steps = tf.Variable(name="skipped_steps", **counter)
             self.consecutive_skips = tf.Variable(name="consecutive_skips", **counter)
         self._distributed: Dict[int, object] = {}
-        self.train_iterator = iter(self._distribute(self.datasets.train))
+        self._train_iterator = None
         self._train_loop = tf.function(self._train_loop_fn)
         self._eval_loop = tf.function(self._eval_loop_fn)
         # XLA compiles the per-replica math (forward, loss, backward); the iterator, the
@@ -154,11 +154,29 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "train_metrics": tf.train.Checkpoint(**self.train_metrics),
         }
-        # A tf.distribute iterator (any strategy but the default) is not trackable: under a
-        # strategy the input position is not saved and a resumed run restarts the data order.
-        if isinstance(self.train_iterator, tf.__internal__.tracking.Trackable):
+        # With `train_from` the input position follows from the global step (see
+        # train_iterator). Otherwise the iterator itself is saved where it can be: a
+        # tf.distribute iterator (any strategy but the default) is not trackable, so there a
+        # resumed run restarts its data stream.
+        if self.datasets.train_from is None and isinstance(
+                self.train_iterator, tf.__internal__.tracking.Trackable):
             items["train_iterator"] = self.train_iterator
         return items
+
+    @property
+    def train_iterator(self):
+        """The training input, created on first use at the global step's position.
+
+        First use comes after any checkpoint restore, so a resumed run continues exactly where
+        the saved one was: ``global_step * batch_size`` examples into the stream.
+        """
+        if self._train_iterator is None:
+            dataset = self.datasets.train
+            if self.datasets.train_from is not None:
+                seen = int(self.global_step.numpy()) * self.config.batch_size
+                dataset = self.datasets.train_from(seen)
+            self._train_iterator = iter(self._distribute(dataset))
+        return self._train_iterator
 
     def weights_checksum(self) -> float:
         """A float64 sum of every model weight, to compare runs."""
