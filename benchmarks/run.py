@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

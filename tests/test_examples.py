@@ -48,8 +48,9 @@ def test_example_trains():
     proc = run_cli("--quick", script="examples/custom_trainer.py", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model: small_cnn" in proc.stdout
-    epochs = re.findall(r"^epoch \d+/2 - loss ([\d.]+) .*top2_accuracy ([\d.]+) .*val_loss ([\d.]+)",
-                        proc.stdout, re.M)
+    epochs = re.findall(
+        r"^epoch \d+/2 - step \d+ - loss ([\d.]+) .*top2_accuracy ([\d.]+) .*val_loss ([\d.]+)",
+        proc.stdout, re.M)
     assert len(epochs) == 2, proc.stdout
     (loss1, _, val1), (loss2, top2, val2) = [tuple(map(float, e)) for e in epochs]
     assert loss2 < loss1 and val2 < val1

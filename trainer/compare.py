@@ -11,8 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import threading
-import time
-from typing import Dict, List, Optional, Type
+from typing import List, Optional, Type
 
 from trainer import devices, loop, precision, registry, reporting
 from trainer.compat import keras, tf
