@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS ?=
 
-.PHONY: setup run test test-tf215 clean-venv benchmark
+.PHONY: setup run test test-tf215 benchmark clean
 
 setup: $(VENV)/.installed $(FMNIST) /usr/bin/mpirun
 
@@ -55,3 +55,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory test-tf215
+
+# Speed ratios (ours vs Model.fit, bf16 vs float32, MFU) measured in one run: see BENCHMARKS.md.
+benchmark: setup
+	$(PY) benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(VENV215)

@@ -48,7 +48,9 @@ class Trainer:
             precision.check_output_dtypes(self.model, self.model(sample, training=False),
                                           policy=config.policy,
                                           auto_cast=config.auto_cast_outputs)
-            self.loss_scaler = LossScaler(self.build_optimizer(), mode=config.resolved_loss_scale)
+            inner_optimizer = self.build_optimizer()
+            optimizers.fuse_updates(inner_optimizer)
+            self.loss_scaler = LossScaler(inner_optimizer, mode=config.resolved_loss_scale)
             self.optimizer = self.loss_scaler.optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.train_metrics = {"loss": keras.metrics.Mean(name="loss"), **self.build_metrics()}
