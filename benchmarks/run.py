@@ -255,11 +255,11 @@ def report(results: Dict[str, dict], peaks: Dict[str, float]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5.")
+    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 6.")
     parser.add_argument("--models", default="", help="Only these zoo models, e.g. mlp,transformer.")
     parser.add_argument("--json", default="", help="Also write the raw results here.")
     args = parser.parse_args(argv)
-    rounds, target_s = (2, 0.3) if args.quick else (5, 0.35)
+    rounds, target_s = (2, 0.3) if args.quick else (6, 0.35)
     device = devices.select_device("cpu", policy="float32")
     print(f"device: {device.description}; TF {tf.__version__}; "
           f"{os.cpu_count()} CPUs; rounds {rounds} x ~{target_s}s per runner", flush=True)

@@ -311,9 +311,7 @@ def test_killed_worker_stops_the_job_and_chief_checkpoint_survives(tmp_path):
     assert proc.returncode != 0
     assert stopped_after < 30, stopped_after
     assert "[launch] worker 1 was killed by SIGKILL; stopping the other 1 worker(s)" in output
-    # The chief's newest checkpoint is whole: a one-worker job under the same strategy resumes
-    # from it (a strategy's input iterator is not saved, so the default strategy, which saves
-    # its iterator, would not match).
+    # The chief's newest checkpoint is whole: a one-worker job resumes from it.
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     saved_step = int(re.search(r"ckpt-(\d+)$", latest).group(1))
     assert saved_step >= 20 and saved_step % 10 == 0
@@ -321,6 +319,44 @@ def test_killed_worker_stops_the_job_and_chief_checkpoint_survives(tmp_path):
                      f"--model_dir={model_dir}", "--distribution=multi_worker", timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {saved_step}" in result.stdout
+
+
+def _launch_two(model_dir, *extra, **popen):
+    args = [a for a in TRAIN_ARGS if not a.startswith(("--epochs", "--synthetic_examples"))]
+    command = [sys.executable, "-m", "trainer.launch", "--num_workers=2", "--", "run.py", *args,
+               "--synthetic_examples=16384", "--epochs=2", "--steps_per_loop=10",
+               "--checkpoint_every=20", f"--model_dir={model_dir}", "--distribution=multi_worker",
+               *extra]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), **popen)
+
+
+def test_sigterm_stops_every_worker_at_one_step_and_the_job_resumes_exactly(tmp_path):
+    straight = _launch_two(tmp_path / "straight")
+    reference = {int(i): (int(s), float(c)) for i, s, c in
+                 WORKER_LINE.findall(straight.communicate(timeout=300)[0])}
+    assert straight.returncode == 0 and len(reference) == 2
+
+    model_dir = tmp_path / "stopped"
+    proc = _launch_two(model_dir)
+    deadline = time.monotonic() + 180
+    while not (model_dir / "checkpoints" / "ckpt-40.index").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # The launcher forwards it to both workers.
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    step = int(re.search(r"\[w0\] stopped by SIGTERM at step (\d+)", output).group(1))
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith(f"ckpt-{step}")
+
+    resumed = _launch_two(model_dir)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"at step {step}" in output
+    workers = {int(i): (int(s), float(c)) for i, s, c in WORKER_LINE.findall(output)}
+    # Both workers restored the chief's checkpoint; the input position follows from the step,
+    # so the resumed job ends exactly where the uninterrupted one did.
+    assert workers == reference
 
 
 # ---------------------------------------------------------------- HPU wiring (stand-in)

@@ -6,6 +6,7 @@ from typing import Sequence, Type
 
 from trainer import checkpoint, devices, distribute, loop, registry, reporting
 from trainer.config import TrainConfig
+from trainer.errors import UserError
 from trainer import preemption
 from trainer.actions import PeriodicAction
 from trainer.preemption import PreemptionWatcher
@@ -63,6 +64,10 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
         checkpointer = checkpoint.Checkpointer(trainer, model_dir=config.model_dir,
                                                keep=config.keep_checkpoints, is_chief=chief)
         restored = checkpointer.restore_or_initialize()
+        if not distribute.all_workers_equal(cluster, int(trainer.global_step.numpy())):
+            raise UserError(
+                f"the workers restored different steps from {config.model_dir}: it must be on a "
+                "file system that every worker can read (the chief writes, all restore)")
         if chief:
             checkpoint.write_run_file(config.model_dir, signature)
         if restored and verbose:

@@ -78,7 +78,8 @@ class Checkpointer:
         one by a validation metric to ``model_dir/best``.
       keep: how many recent checkpoints to keep.
       is_chief: non-chief workers take part in each save (a distributed save is collective)
-        but write into a temporary folder that is deleted.
+        but write into a temporary folder that is deleted; they restore from the chief's
+        folder, which must therefore be on a file system every worker can read.
     """
 
     def __init__(self, trainer, *, model_dir: str, keep: int = 3, is_chief: bool = True):
@@ -102,7 +103,9 @@ class Checkpointer:
         Raises:
           UserError: when checkpoints exist but none can be read.
         """
-        candidates = list(reversed(self.manager.checkpoints))
+        directory = os.path.join(self.model_dir, "checkpoints")
+        state = tf.train.get_checkpoint_state(directory)
+        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         if not candidates:
             return None
         for path in candidates:
@@ -116,7 +119,7 @@ class Checkpointer:
                                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                                "trying the one before it")
         raise UserError(
-            f"no checkpoint in {self.manager.directory} can be restored (all damaged); move the "
+            f"no checkpoint in {directory} can be restored (all damaged); move the "
             "folder away to start afresh, or point --model_dir elsewhere")
 
     def save(self) -> str:

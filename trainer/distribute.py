@@ -249,3 +249,42 @@ def worker_failures_as_errors() -> Iterator[None]:
             f"{cause[:300]}); this worker stops too. Check the other workers' output for the "
             "cause, then restart the job (it resumes from the chief's last checkpoint when "
             "--model_dir is set)") from None
+
+
+_SUM_FNS = {}
+
+
+def _sum_across_workers(cluster: Cluster, values) -> list:
+    """Element-wise sum of an int64 vector over every worker (all must call it together).
+
+    Compiled once per strategy: run eagerly, a collective strategy warns of its overhead.
+    """
+    key = id(cluster.strategy)
+    if key not in _SUM_FNS:
+        strategy = cluster.strategy
+
+        @tf.function
+        def total(x):
+            per_replica = strategy.run(tf.identity, args=(x,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        _SUM_FNS[key] = total
+    return [int(v) for v in _SUM_FNS[key](tf.constant(values, tf.int64)).numpy()]
+
+
+def any_worker(cluster: Cluster, flag: bool) -> bool:
+    """True on every worker when ``flag`` is True on any of them."""
+    if cluster.num_workers <= 1:
+        return bool(flag)
+    return _sum_across_workers(cluster, [int(bool(flag))])[0] > 0
+
+
+def all_workers_equal(cluster: Cluster, value: int) -> bool:
+    """Whether every worker holds the same ``value``; every worker gets the same answer.
+
+    From the sums of x and x**2 alone: N * sum(x**2) == sum(x)**2 exactly when all are equal.
+    """
+    if cluster.num_workers <= 1:
+        return True
+    total, squares = _sum_across_workers(cluster, [value, value * value])
+    return cluster.num_workers * squares == total * total

@@ -51,12 +51,8 @@ def agree(cluster, reason: Optional[str]) -> Optional[str]:
     """
     if cluster.num_workers <= 1:
         return reason
-    from trainer.compat import tf  # Deferred: this module is imported before TF is configured.
+    from trainer import distribute  # Deferred: this module is imported before TF is set up.
 
-    strategy = cluster.strategy
-    flag = tf.constant(1 if reason else 0, tf.int32)
-    votes = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(flag)),
-                            axis=None)
-    if int(votes) and not reason:
+    if distribute.any_worker(cluster, bool(reason)) and not reason:
         return "a signal to another worker"
     return reason
