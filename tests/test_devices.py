@@ -181,3 +181,22 @@ def test_no_warning_when_bf16_is_fast_or_unused(fake_cpuinfo, caplog, extra, pol
         info = devices.select_device("cpu", policy=policy)
     assert info.fast_bf16 == bool(extra)
     assert not [r for r in caplog.records if "slower than float32" in r.getMessage()]
+
+
+@pytest.mark.parametrize("info, policy, slow", [
+    (devices.DeviceInfo("cpu", "c", "cpu", fast_bf16=True), "mixed_bfloat16", False),
+    (devices.DeviceInfo("cpu", "c", "cpu", fast_bf16=False), "mixed_bfloat16", True),
+    (devices.DeviceInfo("cpu", "c", "cpu", fast_bf16=True), "mixed_float16", True),
+    (devices.DeviceInfo("cpu", "c", "cpu", fast_bf16=True, fast_fp16=True), "mixed_float16",
+     False),
+    (devices.DeviceInfo("gpu", "g", "T4 (7.5)", fast_bf16=False, fast_fp16=True),
+     "mixed_bfloat16", True),
+    (devices.DeviceInfo("gpu", "g", "T4 (7.5)", fast_bf16=False, fast_fp16=True),
+     "mixed_float16", False),
+    (devices.DeviceInfo("gpu", "g", "P100 (6.0)", fast_bf16=False), "float32", False),
+])
+def test_policy_slower_than_float32_is_named(info, policy, slow):
+    reason = devices.slower_than_float32(info, policy)
+    assert bool(reason) == slow
+    if slow:
+        assert policy in reason and "slower than float32" in reason

@@ -170,3 +170,10 @@ def test_progress_bar_on_terminals_and_log_lines_otherwise(capsys):
         bar.update(trainer, step)
     out = capsys.readouterr().out
     assert "8/8 [" in out and "loss:" in out and "loss_scale: 32768" in out
+
+
+def test_scale_stuck_at_floor_warns(capsys):
+    trainer = Trainer(small_config(loss_scale="dynamic", epochs=1))
+    trainer.optimizer._loss_scale._current_loss_scale.assign(1.0)
+    loop.fit(trainer)
+    assert "loss scale is stuck at its floor (1)" in capsys.readouterr().err

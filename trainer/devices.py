@@ -38,19 +38,25 @@ class DeviceInfo:
     name: str
     description: str
     fast_bf16: bool
+    fast_fp16: bool = False
 
 
-def cpu_bf16_flags(cpuinfo_path: Optional[str] = None) -> list:
-    """The CPU's bf16 instruction-set flags (AMX, AVX512-BF16) found in /proc/cpuinfo."""
+def _cpu_flags(cpuinfo_path: Optional[str] = None) -> set:
+    """Every instruction-set flag of the first CPU in /proc/cpuinfo (empty if unreadable)."""
     try:
         with open(cpuinfo_path or CPUINFO_PATH) as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return []
+    return set()
+
+
+def cpu_bf16_flags(cpuinfo_path: Optional[str] = None) -> list:
+    """The CPU's bf16 instruction-set flags (AMX, AVX512-BF16) found in /proc/cpuinfo."""
+    flags = _cpu_flags(cpuinfo_path)
+    return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
 
 
 def _cpu_model(cpuinfo_path: Optional[str] = None) -> str:
@@ -111,13 +117,15 @@ def _gpu_info(gpu) -> DeviceInfo:
     fast = tuple(capability) >= (8, 0)  # Ampere and newer have bf16 tensor cores.
     name = details.get("device_name", "GPU")
     return DeviceInfo("gpu", "/device:GPU:0",
-                      f"{name} (compute capability {capability[0]}.{capability[1]})", fast)
+                      f"{name} (compute capability {capability[0]}.{capability[1]})", fast,
+                      fast_fp16=tuple(capability) >= (7, 0))  # Volta: fp16 tensor cores.
 
 
 def _cpu_info() -> DeviceInfo:
     flags = cpu_bf16_flags()
     has = f"bf16 instructions: {', '.join(flags)}" if flags else "no bf16 instructions"
-    return DeviceInfo("cpu", "/device:CPU:0", f"{_cpu_model()} ({has})", bool(flags))
+    return DeviceInfo("cpu", "/device:CPU:0", f"{_cpu_model()} ({has})", bool(flags),
+                      fast_fp16=bool(_cpu_flags() & {"avx512_fp16", "amx_fp16"}))
 
 
 def select_device(requested: str, *, policy: str) -> DeviceInfo:
@@ -145,12 +153,30 @@ def select_device(requested: str, *, policy: str) -> DeviceInfo:
             raise UserError(
                 "--device=gpu but TensorFlow sees no GPU (is a CUDA build of TensorFlow installed "
                 "and the driver loaded?); use --device=cpu or --device=auto")
-        return _gpu_info(gpus[0])
+        return _warn_if_slow(_gpu_info(gpus[0]), policy)
     if gpus:
         tf.config.set_visible_devices([], "GPU")  # --device=cpu means no GPU at all.
-    info = _cpu_info()
+    return _warn_if_slow(_cpu_info(), policy)
+
+
+def slower_than_float32(info: DeviceInfo, policy: str) -> str:
+    """Why ``policy`` will run slower than float32 on this device ('' when it will not)."""
     if policy == "mixed_bfloat16" and not info.fast_bf16:
-        logging.warning(
-            "mixed_bfloat16 on a CPU without AMX or AVX512-BF16 (%s) emulates bf16 and will be "
-            "slower than float32; use --policy=float32 here", info.description)
+        hardware = "a CPU without AMX or AVX512-BF16" if info.kind == "cpu" else \
+            "a GPU older than compute capability 8.0"
+        return (f"mixed_bfloat16 on {hardware} ({info.description}) emulates bf16 and will be "
+                "slower than float32; use --policy=float32 here")
+    if policy == "mixed_float16" and not info.fast_fp16:
+        hardware = "a CPU without AVX512-FP16" if info.kind == "cpu" else \
+            "a GPU older than compute capability 7.0"
+        return (f"mixed_float16 on {hardware} ({info.description}) has no fast float16 math "
+                "and will be slower than float32; use --policy=float32 (or mixed_bfloat16 "
+                "where bf16 is fast)")
+    return ""
+
+
+def _warn_if_slow(info: DeviceInfo, policy: str) -> DeviceInfo:
+    reason = slower_than_float32(info, policy)
+    if reason:
+        logging.warning("%s", reason)
     return info

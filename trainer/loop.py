@@ -170,6 +170,11 @@ def fit(trainer: Trainer, *, epochs: Optional[int] = None, steps_per_loop: Optio
             loss_scale=trainer.loss_scale, skipped_steps=int(trainer.skipped_steps.numpy()),
             global_step=step)
         history.append(log)
+        if trainer.loss_scaler.dynamic and log.loss_scale <= 1.0:
+            reporting.warn(
+                f"step {step}: the dynamic loss scale is stuck at its floor (1), so gradients "
+                "overflow even unscaled; training stops if steps keep being skipped. Lower "
+                "--learning_rate or set --clip_norm")
         if summaries is not None:
             lr = optimizers.current_learning_rate(trainer.optimizer)
             summaries.scalars("train", step, {
