@@ -62,9 +62,9 @@ def fuse_updates(optimizer) -> None:
     """XLA-compiles the optimizer's per-variable update, except on Gaudi.
 
     Keras 2 turns an optimizer's ``jit_compile`` off when no GPU is present, so on a CPU the
-    float32 Adam update runs as a dozen separate element-wise ops per variable: 37% of a wide
-    MLP's bf16 step here, and compiled 1.47x faster (BENCHMARKS.md). Habana's bridge has no
-    XLA, so HPU runs keep the plain update.
+    float32 Adam update runs as a dozen separate element-wise ops per variable: 43% of a wide
+    MLP's bf16 step here; fused, that step is 1.30x faster (BENCHMARKS.md). Habana's bridge
+    has no XLA, so HPU runs keep the plain update.
     """
     if hasattr(optimizer, "jit_compile") and not tf.config.list_physical_devices("HPU"):
         optimizer.jit_compile = True
