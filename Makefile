@@ -31,13 +31,14 @@ endef
 
 # The stack Habana's Gaudi bridge needs: Python 3.10 (else python3), TensorFlow 2.15 with
 # Keras 2 built in, in its own venv. It runs a named core subset of the suite (the Trainer,
-# loss scaling, dtype policies, checkpoints, devices, distribution, the launcher) to keep CI short.
+# loss scaling, dtype policies, checkpoints, the loop, preemption, devices, distribution, the
+# launcher) to keep CI short.
 PYTHON310 ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null) \
 	$(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python) $(PYTHON))
 VENV215 := .venv-tf215
 PY215 := $(VENV215)/bin/python
 TF215_TESTS := tests/test_trainer.py tests/test_loss_scale.py tests/test_precision.py \
-	tests/test_checkpoint.py \
+	tests/test_checkpoint.py tests/test_loop.py tests/test_preemption.py \
 	tests/test_devices.py tests/test_distribute.py tests/test_launch.py
 
 $(VENV215)/.installed: requirements-tf215.txt
