@@ -14,6 +14,7 @@ import threading
 from typing import List, Optional, Type
 
 from trainer import devices, loop, precision, registry, reporting
+from trainer.actions import PeriodicAction
 from trainer.compat import keras, tf
 from trainer.config import POLICIES, TrainConfig
 from trainer.errors import ConfigError, UserError
@@ -88,24 +89,28 @@ class PeakMemory:
         return False
 
 
-def _record_loss_curve(trainer: Trainer, curve: List[tuple]) -> None:
-    # The loop reports once per epoch; for a smoother curve, record the mean training loss of
-    # every compiled step loop (from the loss metric's running total and count).
-    loss_metric = trainer.train_metrics["loss"]
-    compiled = trainer.train_steps
-    state = {"total": 0.0, "count": 0.0}
+def _loss_curve_action(trainer: Trainer, curve: List[tuple]) -> PeriodicAction:
+    """Records the mean training loss of every compiled step loop, for a smoother curve.
 
-    def train_steps(num_steps: int) -> None:
-        compiled(num_steps)
+    It runs after each loop and before the epoch-end evaluation resets the metrics, so the
+    loop's mean is the change in the loss metric's running total over the change in its count;
+    step loops never cross an epoch boundary, where the metric restarts from zero.
+    """
+    loss_metric = trainer.train_metrics["loss"]
+    steps_per_epoch = trainer.datasets.steps_per_epoch
+    state = {"epoch": -1, "total": 0.0, "count": 0.0}
+
+    def record(step: int, now: float) -> None:
+        del now
+        epoch = (step - 1) // steps_per_epoch
+        if epoch != state["epoch"]:
+            state.update(epoch=epoch, total=0.0, count=0.0)
         total, count = float(loss_metric.total.numpy()), float(loss_metric.count.numpy())
-        if count < state["count"]:  # The loop reset the metrics at a new epoch.
-            state.update(total=0.0, count=0.0)
         if count > state["count"]:
-            mean = (total - state["total"]) / (count - state["count"])
-            curve.append((int(trainer.global_step.numpy()), mean))
+            curve.append((step, (total - state["total"]) / (count - state["count"])))
         state.update(total=total, count=count)
 
-    trainer.train_steps = train_steps
+    return PeriodicAction(record, name="loss_curve")
 
 
 def _train_one(trainer: Trainer, initial_weights, device: devices.DeviceInfo) -> dict:
@@ -113,11 +118,11 @@ def _train_one(trainer: Trainer, initial_weights, device: devices.DeviceInfo) ->
     trainer.model.set_weights(initial_weights)
     initial_checksum = trainer.weights_checksum()
     curve: List[tuple] = []
-    _record_loss_curve(trainer, curve)
     # Memory is measured over training and testing; the dataset and weights load before.
     with PeakMemory(device) as memory:
         result = loop.fit(trainer, epochs=config.epochs, steps_per_loop=config.steps_per_loop,
-                          on_epoch_end=reporting.print_epoch if config.verbose else None)
+                          on_epoch_end=reporting.print_epoch if config.verbose else None,
+                          extra_actions=[_loss_curve_action(trainer, curve)])
         test = trainer.evaluate(trainer.datasets.test)
     last = result.history[-1] if result.history else None
     return {

@@ -192,16 +192,18 @@ def fit(trainer: Trainer, *, epochs: Optional[int] = None, steps_per_loop: Optio
         del step, now
         checkpointer.save()
 
+    # Progress and the caller's actions first: they see the training metrics before the
+    # epoch-end evaluation resets them.
     actions = []
-    if progress is not None:  # Before evaluation, which resets the epoch's train metrics.
+    if progress is not None:
         actions.append(PeriodicAction(lambda step, now: progress.update(trainer, step),
                                       name="progress"))
+    actions.extend(extra_actions)
     actions.append(PeriodicAction(log_and_evaluate,
                                   every_steps=config.eval_every or steps_per_epoch, name="evaluate"))
     if checkpointer is not None:
         actions.append(PeriodicAction(save, every_steps=config.checkpoint_every or steps_per_epoch,
                                       name="checkpoint"))
-    actions.extend(extra_actions)
     stopped_by: List[str] = []
 
     def stop_requested() -> bool:
