@@ -107,3 +107,12 @@ def test_model_dir_is_required():
     config = TrainConfig(dataset="synthetic", compare_policies="float32,mixed_bfloat16")
     with pytest.raises(UserError, match="--model_dir"):
         compare.run(config)
+
+
+def test_loss_curve_has_a_point_per_step_loop_even_with_one_loop_per_epoch(tmp_path):
+    result = compare.run(_config(tmp_path, steps_per_loop=100, epochs=3))
+    for row in result["rows"]:
+        steps = [step for step, _ in row["loss_curve"]]
+        assert steps == [6, 12, 18]  # 192 training examples / batch 32 = 6 steps per epoch.
+        losses = [loss for _, loss in row["loss_curve"]]
+        assert losses[-1] < losses[0]
