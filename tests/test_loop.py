@@ -177,3 +177,23 @@ def test_scale_stuck_at_floor_warns(capsys):
     trainer.optimizer._loss_scale._current_loss_scale.assign(1.0)
     loop.fit(trainer)
     assert "loss scale is stuck at its floor (1)" in capsys.readouterr().err
+
+
+def test_eval_every_interleaves_evaluation_and_keeps_the_best(tmp_path):
+    model_dir = str(tmp_path / "run")
+    summary = app.run(small_config(model_dir=model_dir, eval_every=4, epochs=2,
+                                   validation_split=0.25, best_metric="loss"))
+    assert [h["step"] for h in summary["history"]] == [4, 8, 12]  # 6 steps per epoch.
+    assert all("val_loss" in h for h in summary["history"])
+    best = tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
+    best_step = int(best.rsplit("-", 1)[1])
+    losses = {h["step"]: h["val_loss"] for h in summary["history"]}
+    assert best_step == min(losses, key=losses.get)
+
+
+def test_unknown_best_metric_is_refused_before_training():
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="unknown best_metric 'acc'; this model reports loss, "
+                                        "accuracy"):
+        app.run(small_config(best_metric="acc"))

@@ -55,6 +55,10 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     cluster = distribute.setup(config, device)
     trainer = trainer_cls(config, strategy=cluster.strategy)
     chief = cluster.is_chief
+    if config.best_metric not in trainer.eval_metrics:
+        raise UserError(
+            f"unknown best_metric {config.best_metric!r}; this model reports "
+            f"{', '.join(trainer.eval_metrics)} (--best_metric)")
     verbose = config.verbose and chief
     checkpointer = None
     if config.model_dir:

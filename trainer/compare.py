@@ -92,19 +92,19 @@ class PeakMemory:
 def _loss_curve_action(trainer: Trainer, curve: List[tuple]) -> PeriodicAction:
     """Records the mean training loss of every compiled step loop, for a smoother curve.
 
-    It runs after each loop and before the epoch-end evaluation resets the metrics, so the
+    It runs after each loop and before the periodic evaluation resets the metrics, so the
     loop's mean is the change in the loss metric's running total over the change in its count;
-    step loops never cross an epoch boundary, where the metric restarts from zero.
+    step loops never cross a log boundary, where the metric restarts from zero.
     """
     loss_metric = trainer.train_metrics["loss"]
-    steps_per_epoch = trainer.datasets.steps_per_epoch
-    state = {"epoch": -1, "total": 0.0, "count": 0.0}
+    interval = loop.log_interval(trainer)
+    state = {"period": -1, "total": 0.0, "count": 0.0}
 
     def record(step: int, now: float) -> None:
         del now
-        epoch = (step - 1) // steps_per_epoch
-        if epoch != state["epoch"]:
-            state.update(epoch=epoch, total=0.0, count=0.0)
+        period = (step - 1) // interval
+        if period != state["period"]:
+            state.update(period=period, total=0.0, count=0.0)
         total, count = float(loss_metric.total.numpy()), float(loss_metric.count.numpy())
         if count > state["count"]:
             curve.append((step, (total - state["total"]) / (count - state["count"])))

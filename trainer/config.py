@@ -135,6 +135,10 @@ class TrainConfig:
             raise ConfigError(
                 f"clip_norm must be a number >= 0 (0 turns clipping off), got {self.clip_norm!r} "
                 "(--clip_norm)")
+        if self.checkpoint_every and not self.model_dir:
+            raise ConfigError(
+                f"checkpoint_every={self.checkpoint_every} needs a folder to save into; pass "
+                "--model_dir (--checkpoint_every)")
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum_steps "

@@ -135,6 +135,15 @@ def check_non_finite(trainer: Trainer, max_consecutive_skips: int) -> None:
         "set --clip_norm, or check the data for NaN/Inf")
 
 
+def log_interval(trainer: Trainer) -> int:
+    """Steps between evaluations and log lines: ``eval_every``, else one epoch.
+
+    The training metrics in each log line cover the steps since the previous one (they are
+    reset after every log).
+    """
+    return trainer.config.eval_every or trainer.datasets.steps_per_epoch
+
+
 def fit(trainer: Trainer, *, epochs: Optional[int] = None, steps_per_loop: Optional[int] = None,
         on_epoch_end: Optional[Callable[[EpochLog], None]] = None, checkpointer=None,
         summaries=None, progress=None, extra_actions: Sequence[PeriodicAction] = (),
@@ -159,12 +168,11 @@ def fit(trainer: Trainer, *, epochs: Optional[int] = None, steps_per_loop: Optio
     def log_and_evaluate(step: int, now: float) -> None:
         del now
         steps, seconds = timer_ref[0].lap()
-        at_epoch_end = step % steps_per_epoch == 0
         validation = trainer.evaluate(trainer.datasets.validation) \
             if trainer.datasets.validation is not None else {}
         log = EpochLog(
             epoch=-(-step // steps_per_epoch), epochs=epochs,
-            train=trainer.train_results(reset=at_epoch_end), validation=validation,
+            train=trainer.train_results(reset=True), validation=validation,
             ms_per_step=1000 * seconds / max(steps, 1),
             examples_per_sec=steps * config.batch_size / seconds if seconds else 0.0,
             loss_scale=trainer.loss_scale, skipped_steps=int(trainer.skipped_steps.numpy()),
@@ -199,8 +207,8 @@ def fit(trainer: Trainer, *, epochs: Optional[int] = None, steps_per_loop: Optio
         actions.append(PeriodicAction(lambda step, now: progress.update(trainer, step),
                                       name="progress"))
     actions.extend(extra_actions)
-    actions.append(PeriodicAction(log_and_evaluate,
-                                  every_steps=config.eval_every or steps_per_epoch, name="evaluate"))
+    actions.append(PeriodicAction(log_and_evaluate, every_steps=log_interval(trainer),
+                                  name="evaluate"))
     if checkpointer is not None:
         actions.append(PeriodicAction(save, every_steps=config.checkpoint_every or steps_per_epoch,
                                       name="checkpoint"))
