@@ -60,24 +60,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
             f"unknown best_metric {config.best_metric!r}; this model reports "
             f"{', '.join(trainer.eval_metrics)} (--best_metric)")
     verbose = config.verbose and chief
-    checkpointer = None
-    if config.model_dir:
-        signature = checkpoint.run_signature(trainer)
-        checkpoint.check_compatible(config.model_dir, signature,
-                                    allow_policy_change=config.allow_policy_change)
-        checkpointer = checkpoint.Checkpointer(trainer, model_dir=config.model_dir,
-                                               keep=config.keep_checkpoints, is_chief=chief)
-        restored = checkpointer.restore_or_initialize()
-        if not distribute.all_workers_equal(cluster, int(trainer.global_step.numpy())):
-            raise UserError(
-                f"the workers restored different steps from {config.model_dir}: it must be on a "
-                "file system that every worker can read (the chief writes, all restore)")
-        if chief:
-            checkpoint.write_run_file(config.model_dir, signature)
-        if restored and verbose:
-            step = int(trainer.global_step.numpy())
-            epoch = step // trainer.datasets.steps_per_epoch
-            print(f"resuming from {restored} at step {step} (epoch {epoch} done)", flush=True)
+    checkpointer = _resume(config, trainer, cluster, verbose) if config.model_dir else None
     if verbose:
         reporting.banner(device=device, config=config, trainer=trainer)
     mode = reporting.progress_mode(config.progress)
@@ -105,7 +88,42 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     test = trainer.evaluate(trainer.datasets.test)
     if verbose:
         reporting.print_test(test)
-    summary = {
+    summary = _summary(config, trainer, device, cluster, result, test)
+    if config.metrics_file and chief:
+        reporting.write_json(config.metrics_file, summary)
+    if cluster.num_workers > 1:  # Every worker: equal checksums show the replicas stayed in sync.
+        print(distribute.worker_line(cluster, summary), flush=True)
+    return summary
+
+
+def _resume(config: TrainConfig, trainer: Trainer, cluster, verbose: bool):
+    """Checks ``config.model_dir`` belongs to this run, restores its newest checkpoint.
+
+    Returns:
+      The Checkpointer that saves into it.
+    """
+    signature = checkpoint.run_signature(trainer)
+    checkpoint.check_compatible(config.model_dir, signature,
+                                allow_policy_change=config.allow_policy_change)
+    checkpointer = checkpoint.Checkpointer(trainer, model_dir=config.model_dir,
+                                           keep=config.keep_checkpoints, is_chief=cluster.is_chief)
+    restored = checkpointer.restore_or_initialize()
+    step = int(trainer.global_step.numpy())
+    if not distribute.all_workers_equal(cluster, step):
+        raise UserError(
+            f"the workers restored different steps from {config.model_dir}: it must be on a "
+            "file system that every worker can read (the chief writes, all restore)")
+    if cluster.is_chief:
+        checkpoint.write_run_file(config.model_dir, signature)
+    if restored and verbose:
+        epoch = step // trainer.datasets.steps_per_epoch
+        print(f"resuming from {restored} at step {step} (epoch {epoch} done)", flush=True)
+    return checkpointer
+
+
+def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, test) -> dict:
+    """What a finished run reports (the ``--metrics_file`` JSON)."""
+    return {
         "policy": config.policy,
         "device": device.kind,
         "device_description": device.description,
@@ -124,7 +142,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
         "step_time_ms": result.step_time_ms,
         "loss_scale": trainer.loss_scale,
         "skipped_steps": int(trainer.skipped_steps.numpy()),
-        "global_step": step,
+        "global_step": int(trainer.global_step.numpy()),
         "weights_checksum": trainer.weights_checksum(),
         "history": [
             {"epoch": h.epoch, "step": h.global_step, **h.train,
@@ -132,8 +150,3 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
             for h in result.history
         ],
     }
-    if config.metrics_file and chief:
-        reporting.write_json(config.metrics_file, summary)
-    if cluster.num_workers > 1:  # Every worker: equal checksums show the replicas stayed in sync.
-        print(distribute.worker_line(cluster, summary), flush=True)
-    return summary
