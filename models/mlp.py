@@ -1,7 +1,7 @@
 """The mixed-precision tutorial's model: two wide Dense relu layers, logits, float32 softmax."""
 
 from trainer.compat import keras
-from trainer.errors import ConfigError
+from models._checks import positive_int
 from trainer.registry import register_model
 
 
@@ -12,8 +12,7 @@ def mlp(*, input_shape, num_classes: int, units: int = 256) -> keras.Model:
     The softmax is its own Activation layer with dtype float32: under a mixed policy the Dense
     layers compute in bf16/fp16, but the probabilities fed to the loss must be float32.
     """
-    if not isinstance(units, int) or units < 1:
-        raise ConfigError(f"mlp: units must be a positive integer, got {units!r} (--model_args)")
+    positive_int("mlp", "units", units)
     inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.Flatten()(inputs)
     x = keras.layers.Dense(units, activation="relu", name="dense_1")(x)

@@ -4,7 +4,6 @@ import importlib.util
 import re
 
 import numpy as np
-import pytest
 
 from conftest import ROOT, run_cli, small_config
 from trainer.compat import mixed_precision, tf

@@ -8,18 +8,13 @@ ops really use, so "statistics in float32" is checked, not assumed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from trainer import precision, registry
+from trainer import data, precision, registry
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
 
 # Input shape and class count of each dataset (the synthetic stand-in copies Fashion-MNIST).
-DATASET_SHAPES: Dict[str, Tuple[Tuple[int, ...], int]] = {
-    "fashion_mnist": ((28, 28, 1), 10),
-    "mnist": ((28, 28, 1), 10),
-    "synthetic": ((28, 28, 1), 10),
-}
 _LOW_PRECISION = ("float16", "bfloat16")
 _NORMALIZATION = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
 # Ops that compute normalisation statistics, and the attribute holding their dtype.
@@ -179,7 +174,7 @@ def verdict(report: AuditReport) -> str:
 def audit(config: TrainConfig) -> AuditReport:
     """Builds ``config.model`` under ``config.policy`` and audits it (no data is loaded)."""
     registry.check_model_args(config.model, config.model_args)
-    input_shape, num_classes = DATASET_SHAPES[config.dataset]
+    input_shape, num_classes = data.DATASET_SHAPES[config.dataset]
     keras.utils.set_random_seed(config.seed)
     with precision.policy_scope(config.policy):
         model = registry.build_model(config.model, input_shape=input_shape,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import os
 import threading
-from typing import List, Optional, Type
+from typing import List, Type
 
 from trainer import devices, loop, precision, registry, reporting
 from trainer.actions import PeriodicAction
 from trainer.compat import keras, tf
-from trainer.config import POLICIES, TrainConfig
+from trainer.config import POLICIES, TrainConfig, unsupported_reason
 from trainer.errors import ConfigError, UserError
 from trainer.trainer import Trainer
 
@@ -39,13 +39,6 @@ def parse_policies(text: str) -> List[str]:
     if not policies:
         raise ConfigError("compare_policies is empty; e.g. --compare_policies=float32,mixed_bfloat16")
     return policies
-
-
-def unsupported_reason(device: devices.DeviceInfo, policy: str) -> Optional[str]:
-    """Why ``policy`` cannot run on ``device``, or None when it can."""
-    if device.kind == "hpu" and policy == "mixed_float16":
-        return "unsupported on HPU: Gaudi has no float16 TensorFlow kernels"
-    return None
 
 
 class PeakMemory:
@@ -257,8 +250,10 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
     policies.sort(key=lambda p: p != "float32")
     rows, initial_weights = [], None
     for policy in policies:
-        reason = unsupported_reason(device, policy)
-        if reason is None:
+        reason = unsupported_reason(device.kind, policy)
+        if reason:
+            reason = f"unsupported on {device.kind.upper()}: {reason}"
+        else:
             if config.verbose:
                 print(f"--- {policy}", flush=True)
             try:
@@ -278,8 +273,8 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
                      "epochs": []})
     _add_relative(rows)
     for row in rows:
-        if row["status"] == "ok" and device.kind == "cpu" and row["policy"] == "mixed_float16":
-            row["note"] = "float16 is emulated on CPUs: slow"
+        if row["status"] == "ok" and devices.slower_than_float32(device, row["policy"]):
+            row["note"] = f"no fast {row['policy'][6:]} math on this {device.kind}"
     table = format_table(rows)
     print(f"policy comparison: model {config.model}, {config.dataset}, {config.epochs} epochs, "
           f"batch {config.batch_size}, device {device.description}")

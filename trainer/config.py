@@ -18,6 +18,13 @@ DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "hpu")
 PROGRESS = ("auto", "bar", "log", "none")
 
 
+def unsupported_reason(device_kind: str, policy: str) -> str:
+    """Why ``policy`` cannot run on a ``device_kind`` device at all ('' when it can)."""
+    if device_kind == "hpu" and policy == "mixed_float16":
+        return "Gaudi has no float16 TensorFlow kernels; use --policy=mixed_bfloat16"
+    return ""
+
+
 def parse_loss_scale(value: Union[str, float, int, None]) -> Union[str, float]:
     """Normalises a loss-scale setting to 'auto', 'dynamic', 'none' or a positive float."""
     if value is None:
@@ -164,10 +171,10 @@ class TrainConfig:
             raise ConfigError(
                 f"metrics_file {self.metrics_file!r} is a directory; pass a file path such as "
                 f"{os.path.join(self.metrics_file, 'metrics.json')!r} (--metrics_file)")
-        if self.device == "hpu" and self.policy == "mixed_float16":
-            raise ConfigError(
-                "policy 'mixed_float16' cannot run on --device=hpu: Gaudi has no float16 "
-                "TensorFlow kernels; use --policy=mixed_bfloat16")
+        reason = unsupported_reason(self.device, self.policy)
+        if reason:
+            raise ConfigError(f"policy {self.policy!r} cannot run on --device={self.device}: "
+                              f"{reason}")
 
     @property
     def resolved_loss_scale(self) -> Union[str, float]:

@@ -19,6 +19,12 @@ import numpy as np
 from trainer.compat import keras, tf
 from trainer.errors import UserError
 
+# (image shape, classes) of each dataset, known without loading it (the audit needs no data).
+DATASET_SHAPES = {
+    "fashion_mnist": ((28, 28, 1), 10),
+    "mnist": ((28, 28, 1), 10),
+    "synthetic": ((28, 28, 1), 10),
+}
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",

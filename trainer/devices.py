@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from trainer.compat import tf
+from trainer.config import unsupported_reason
 from trainer.errors import UserError
 
 HABANA_MODULE = "habana_frameworks.tensorflow"
@@ -141,11 +142,10 @@ def select_device(requested: str, *, policy: str) -> DeviceInfo:
             requested = "hpu"
         else:
             requested = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    reason = unsupported_reason(requested, policy)
+    if reason:  # Before loading anything: 'auto' may have picked the HPU.
+        raise UserError(f"policy {policy} cannot run on an {requested.upper()}: {reason}")
     if requested == "hpu":
-        if policy == "mixed_float16":
-            raise UserError(
-                "policy mixed_float16 cannot run on an HPU: Gaudi has no float16 TensorFlow "
-                "kernels; use --policy=mixed_bfloat16")
         return load_habana()
     gpus = tf.config.list_physical_devices("GPU")
     if requested == "gpu":
