@@ -106,7 +106,7 @@ def audit_model(model: keras.Model, *, policy: str, sample: tf.Tensor) -> AuditR
         if history is not None:
             output_layer_names.add(history.layer.name)
     rows = []
-    for layer in model.layers:
+    for layer, dtypes in zip(model.layers, precision.layer_dtypes(model)):
         notes = []
         out_dtype = _output_dtype(layer)
         if layer.name in output_layer_names:
@@ -134,8 +134,8 @@ def audit_model(model: keras.Model, *, policy: str, sample: tf.Tensor) -> AuditR
                 notes.append(f"!! statistics computed in {','.join(low)}")
             elif stats:
                 notes.append(f"statistics in {','.join(stats)}")
-        rows.append(LayerRow(layer.name, type(layer).__name__, str(layer.compute_dtype),
-                             str(layer.variable_dtype), out_dtype, layer.count_params(),
+        rows.append(LayerRow(dtypes["name"], dtypes["class"], str(dtypes["compute_dtype"]),
+                             str(dtypes["variable_dtype"]), out_dtype, layer.count_params(),
                              tuple(notes)))
     names = precision.output_names(model, len(outputs))
     bad = tuple((name, t.dtype.name) for name, t in zip(names, outputs) if t.dtype != tf.float32)
