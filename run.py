@@ -44,8 +44,10 @@ flags.DEFINE_bool("allow_policy_change", False,
 flags.DEFINE_integer("max_consecutive_skips", 100,
                      "Stop when this many steps in a row are skipped as non-finite (0: never).")
 flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0: at the end of each epoch).")
-flags.DEFINE_string("best_metric", "accuracy",
-                    "Validation metric that picks the best checkpoint (loss is minimised).")
+flags.DEFINE_string("best_metric", "auto",
+                    "Validation metric that picks the best checkpoint kept in --model_dir "
+                    "(auto: accuracy when the model reports it, else loss; losses and errors "
+                    "are minimised, accuracies maximised).")
 flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches accumulated per optimizer step.")
 flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm after unscaling (0: off).")
 flags.DEFINE_bool("jit_compile", False, "Compile the step function with XLA.")

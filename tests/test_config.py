@@ -87,3 +87,53 @@ def test_keyword_only():
 def test_metrics_file_that_is_a_directory_refused(tmp_path):
     with pytest.raises(ConfigError, match="--metrics_file"):
         TrainConfig(metrics_file=str(tmp_path))
+
+
+@pytest.mark.parametrize("value, words", [
+    ("1e40", "too large"),  # Above float32's maximum: used to fail mid-training.
+    ("1e38", "too large"),  # Representable, but 1/scale flushes to zero: nothing learns.
+    (2.0 ** 126 * 1.0000001, "too large"),
+    (10 ** 400, "too large"),  # An int no float can hold.
+    ("inf", "too large"),
+    ("0.5", "below 1"),
+    (1e-30, "below 1"),
+    ("nan", "positive number"),
+    ("-inf", "positive number"),
+    (True, "positive number"),
+])
+def test_fixed_loss_scale_out_of_range_refused(value, words):
+    with pytest.raises(ConfigError) as info:
+        parse_loss_scale(value)
+    message = str(info.value)
+    assert words in message and "--loss_scale" in message
+    assert "\n" not in message and len(message) < 300
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("1", 1.0), (1, 1.0), ("32768", 32768.0), (2.0 ** 126, 2.0 ** 126), ("1_000", 1000.0)])
+def test_fixed_loss_scale_in_range_accepted(value, expected):
+    assert parse_loss_scale(value) == expected
+
+
+def test_fixed_loss_scale_limits_match_tensorflow():
+    """The largest scale accepted still unscales to the true gradient; the next power of 2
+    would silently make every gradient 0 (the reciprocal is a subnormal, flushed to zero)."""
+    from trainer.compat import keras, tf
+    from trainer.config import MAX_FIXED_LOSS_SCALE, MIN_FIXED_LOSS_SCALE
+    from trainer.loss_scale import LossScaler
+
+    def unscaled_gradient(scale):
+        scaler = LossScaler(keras.optimizers.SGD(0.1), mode=scale)
+        weight = tf.Variable(1.0)
+
+        @tf.function
+        def gradient():
+            with tf.GradientTape() as tape:
+                loss = scaler.scale_loss(weight * 0.5)
+            return scaler.unscale_gradients(tape.gradient(loss, [weight]))[0]
+
+        return float(gradient())
+
+    assert unscaled_gradient(MAX_FIXED_LOSS_SCALE) == 0.5
+    assert unscaled_gradient(MIN_FIXED_LOSS_SCALE) == 0.5
+    assert unscaled_gradient(MAX_FIXED_LOSS_SCALE * 2) == 0.0

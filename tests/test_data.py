@@ -1,11 +1,14 @@
-"""Datasets: IDX/npz loading, clear errors for missing or corrupt files, the tf.data pipeline."""
+"""Datasets: IDX/npz loading, clear errors for missing, corrupt or inconsistent files, the
+image contract, and the tf.data pipelines (static, padded evaluation batches)."""
 
 import gzip
 import os
+import time
 
 import numpy as np
 import pytest
 
+from conftest import run_cli, user_stderr_lines
 from trainer import data
 from trainer.compat import keras, tf
 from trainer.errors import UserError
@@ -19,13 +22,14 @@ def _idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_idx_folder(folder, n_train=40, n_test=12, seed=0, gz=True):
+def write_idx_folder(folder, n_train=40, n_test=12, seed=0, gz=True, train_shape=(28, 28),
+                     test_shape=(28, 28)):
     """Writes a small Fashion-MNIST-shaped IDX dataset; returns the arrays written."""
     rng = np.random.default_rng(seed)
     arrays = {
-        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "x_train": rng.integers(0, 256, (n_train, *train_shape), dtype=np.uint8),
         "y_train": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, *test_shape), dtype=np.uint8),
         "y_test": rng.integers(0, 10, n_test, dtype=np.uint8),
     }
     os.makedirs(folder, exist_ok=True)
@@ -210,11 +214,19 @@ def test_pipeline_float32_static_batches_and_splits():
     # The first epoch covers the training split exactly once (80 = 5 x 16), never validation.
     first_epoch = np.concatenate(seen[:5])
     assert sorted(first_epoch.tolist()) == sorted(arrays.y_train[:80].tolist())
-    val = list(ds.validation)
-    assert [len(y) for _, y in val] == [16, 4]
-    np.testing.assert_allclose(np.concatenate([x.numpy() for x, _ in val]),
+    # Evaluation batches: always 16 (static), the last one padded with weight-0 copies of
+    # its last real example.
+    for split in (ds.validation, ds.test):
+        assert [s.shape.as_list()[0] for s in split.element_spec] == [16, 16, 16]
+    val = [tuple(t.numpy() for t in batch) for batch in ds.validation]
+    assert [w.tolist() for _, _, w in val] == [[1.0] * 16, [1.0] * 4 + [0.0] * 12]
+    np.testing.assert_allclose(np.concatenate([x for x, _, _ in val])[:20],
                                arrays.x_train[80:] / 255.0, rtol=1e-6)
-    assert sum(len(y) for _, y in ds.test) == 25
+    np.testing.assert_array_equal(val[1][0][4:], np.repeat(val[1][0][3:4], 12, axis=0))
+    np.testing.assert_array_equal(val[1][1][4:], [arrays.y_train[99]] * 12)
+    test = [tuple(t.numpy() for t in batch) for batch in ds.test]
+    assert [len(y) for _, y, _ in test] == [16, 16] and sum(w.sum() for _, _, w in test) == 25
+    np.testing.assert_array_equal(np.concatenate([y for _, y, _ in test])[:25], arrays.y_test)
 
 
 def test_no_validation_split():
@@ -227,3 +239,161 @@ def test_batch_larger_than_training_split():
     arrays = data.load_arrays("synthetic", seed=0, synthetic_examples=64)
     with pytest.raises(UserError, match="--batch_size"):
         data.make_datasets(arrays, batch_size=128, validation_split=0.0, seed=0)
+
+
+# ---------------------------------------------------------------- the image contract
+
+
+def _arrays(x_train, x_test, y_train=None, y_test=None, num_classes=10):
+    y_train = np.arange(len(x_train)) % num_classes if y_train is None else y_train
+    y_test = np.arange(len(x_test)) % num_classes if y_test is None else y_test
+    return data.Arrays(x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
+                       num_classes, "user arrays")
+
+
+def _first_batch(arrays, batch_size=4):
+    ds = data.make_datasets(arrays, batch_size=batch_size, validation_split=0.0, seed=0)
+    x, y = next(iter(ds.train))
+    return ds, x.numpy(), y.numpy()
+
+
+def test_uint8_images_are_scaled_to_unit_range():
+    x = np.full((8, 4, 4, 1), 255, np.uint8)
+    x[:, 0, 0, 0] = np.arange(8)  # Pixel (0, 0) tells the example.
+    ds, batch, labels = _first_batch(_arrays(x, x[:3]))
+    assert batch.dtype == np.float32 and batch.max() == 1.0
+    np.testing.assert_allclose(batch[:, 0, 0, 0], labels / 255.0, rtol=1e-7)
+    x_test = np.concatenate([b[0].numpy() for b in ds.test])[:3]
+    np.testing.assert_allclose(x_test[:, 0, 0, 0], np.arange(3) / 255.0, rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_float_images_are_used_as_given(dtype):
+    # Already normalised (and even negative) values: dividing by 255 again was the old bug.
+    x = np.linspace(-1.0, 1.0, 8 * 16).reshape(8, 4, 4, 1).astype(dtype)
+    ds, batch, labels = _first_batch(_arrays(x, x[:3]))
+    assert batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, x[labels].astype(np.float32))
+    x_test = np.concatenate([b[0].numpy() for b in ds.test])[:3]
+    np.testing.assert_array_equal(x_test, x[:3].astype(np.float32))
+
+
+def test_other_image_dtypes_are_refused():
+    x = np.zeros((8, 4, 4, 1), np.int64)
+    with pytest.raises(UserError, match="x_train of user arrays holds int64 images; images must "
+                                        r"be uint8 \(scaled to \[0, 1\]\) or floating point"):
+        data.make_datasets(_arrays(x, x[:3].astype(np.uint8)), batch_size=4,
+                           validation_split=0.0, seed=0)
+
+
+# ---------------------------------------------------------------- consistency, at load
+
+
+def _set_labels(folder, stem, labels):
+    with gzip.open(os.path.join(folder, stem + ".gz"), "wb") as f:
+        f.write(_idx_bytes(np.asarray(labels, np.uint8)))
+
+
+@pytest.mark.parametrize("split, stem", [("test", "t10k-labels-idx1-ubyte"),
+                                         ("train", "train-labels-idx1-ubyte")])
+def test_label_outside_classes_names_file_and_index(tmp_path, split, stem):
+    written = write_idx_folder(tmp_path)
+    labels = written[f"y_{split}"].copy()
+    labels[17 if split == "train" else 9] = 200
+    labels[-1] = 10  # Only the first bad index is reported.
+    _set_labels(tmp_path, stem, labels)
+    with pytest.raises(UserError) as info:
+        data.load_arrays("fashion_mnist", data_dir=str(tmp_path))
+    index = 17 if split == "train" else 9
+    assert str(info.value).startswith(
+        f"{tmp_path / stem}.gz: label 200 at index {index} is outside [0, 10); ")
+    assert "\n" not in str(info.value)
+
+
+def test_label_outside_classes_in_npz(tmp_path):
+    written = _write_npz(str(tmp_path / "mnist.npz"))
+    written["y_test"][4] = 12
+    np.savez(tmp_path / "mnist.npz", **written)
+    with pytest.raises(UserError, match=r"mnist.npz\[y_test\]: label 12 at index 4 is outside"):
+        data.load_arrays("mnist", data_dir=str(tmp_path))
+
+
+def test_user_arrays_are_checked_by_make_datasets():
+    x = np.zeros((8, 4, 4, 1), np.uint8)
+    bad = _arrays(x, x[:3], y_test=np.array([0, -1, 3]))
+    with pytest.raises(UserError, match=r"^y_test of user arrays: label -1 at index 1 is outside "
+                                        r"\[0, 10\); fix the arrays or num_classes$"):
+        data.make_datasets(bad, batch_size=4, validation_split=0.0, seed=0)
+    with pytest.raises(UserError, match="x_test of user arrays holds no examples"):
+        data.make_datasets(_arrays(x, x[:0]), batch_size=4, validation_split=0.0, seed=0)
+
+
+def test_train_and_test_image_shapes_must_agree(tmp_path):
+    # Both files are valid IDX files; only together are they wrong.
+    write_idx_folder(tmp_path, train_shape=(14, 56))
+    with pytest.raises(UserError) as info:
+        data.load_arrays("fashion_mnist", data_dir=str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path / 't10k-images-idx3-ubyte.gz'} holds 28x28x1 images but "
+        f"{tmp_path / 'train-images-idx3-ubyte.gz'} holds 14x56x1 images; both splits must "
+        "come from one dataset")
+
+
+def test_test_images_and_labels_count_mismatch(tmp_path):
+    write_idx_folder(tmp_path)
+    _set_labels(tmp_path, "t10k-labels-idx1-ubyte", np.zeros(13))
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz holds 12 images but .*"
+                                        "t10k-labels-idx1-ubyte.gz holds 13 labels"):
+        data.load_arrays("fashion_mnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("problem", ["test_label", "shapes"])
+def test_cli_bad_data_stops_before_training(tmp_path, problem):
+    folder = tmp_path / "data"
+    written = write_idx_folder(folder, n_train=64, n_test=40,
+                               train_shape=(14, 56) if problem == "shapes" else (28, 28))
+    if problem == "test_label":
+        labels = written["y_test"].copy()
+        labels[17] = 200
+        _set_labels(folder, "t10k-labels-idx1-ubyte", labels)
+    metrics = tmp_path / "metrics.json"
+    start = time.monotonic()
+    result = run_cli("--dataset=fashion_mnist", f"--data_dir={folder}", "--epochs=50",
+                     "--batch_size=8", "--model_args=units=16", "--policy=float32",
+                     "--device=cpu", "--validation_split=0", f"--metrics_file={metrics}",
+                     timeout=120)
+    elapsed = time.monotonic() - start
+    lines = user_stderr_lines(result.stderr)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = (f"error: {folder / 't10k-labels-idx1-ubyte.gz'}: label 200 at index 17 is "
+                "outside [0, 10); " if problem == "test_label" else
+                f"error: {folder / 't10k-images-idx3-ubyte.gz'} holds 28x28x1 images but ")
+    assert lines[0].startswith(expected), lines[0]
+    # Nothing trained: no epoch line, no metrics file (50 epochs would take far longer).
+    assert "epoch" not in result.stdout and not metrics.exists(), result.stdout
+    print(f"{problem}: error after {elapsed:.1f} s")  # Seen with pytest -s.
+
+
+# ---------------------------------------------------------------- full evaluation batches
+
+
+def test_full_batches_pads_any_batching():
+    x = np.arange(25 * 2, dtype=np.float32).reshape(25, 2)
+    y = np.arange(25, dtype=np.int32)
+    uneven = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)  # 7, 7, 7, 4
+    full = data.full_batches(uneven, 8)
+    assert [s.shape.as_list()[0] for s in full.element_spec] == [8, 8, 8]
+    batches = [tuple(t.numpy() for t in b) for b in full]
+    assert len(batches) == 4
+    xs, ys, ws = (np.concatenate(parts) for parts in zip(*batches))
+    np.testing.assert_array_equal(xs[:25], x)
+    np.testing.assert_array_equal(ys, list(range(25)) + [24] * 7)  # Copies of the last one.
+    np.testing.assert_array_equal(ws, [1.0] * 25 + [0.0] * 7)
+    # Keras-style weights are kept (padding weighs 0); a full dataset is returned as is.
+    weighted = tf.data.Dataset.from_tensor_slices((x, y, y / 10)).batch(5)
+    ws = np.concatenate([b[2].numpy() for b in data.full_batches(weighted, 8)])
+    np.testing.assert_allclose(ws, np.concatenate([y / 10, np.zeros(7)]), rtol=1e-6)
+    assert data.full_batches(full, 8) is full
+    with pytest.raises(ValueError, match=r"\(features, labels\) or"):
+        data.full_batches(tf.data.Dataset.from_tensor_slices({"x": x}).batch(8), 8)

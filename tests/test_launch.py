@@ -6,11 +6,17 @@ training runs are in test_distribute.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import re
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -129,3 +135,253 @@ def test_worker_env_is_tf_config_json():
         "cluster": {"worker": ["localhost:1", "localhost:2"]},
         "task": {"type": "worker", "index": 1}}
     assert env["PATH"] == "/bin" and env["TRAINER_LOCAL_SIZE"] == "2"
+
+
+# ---------------------------------------------------------------- signals and a dying launcher
+#
+# The launcher runs as its own process here (python -m trainer.launch), the way a user or
+# `timeout` signals it; its workers are tiny scripts that report "ready" and sleep.
+
+LAUNCHER = [sys.executable, "-m", "trainer.launch"]
+SLEEPER = """
+import signal, sys, time
+if "--ignore-sigterm" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(120)
+"""
+WORKER_PID = re.compile(r"\[launch\] worker (\d+): pid (\d+)")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pids, timeout: float) -> float:
+    """Seconds until none of ``pids`` is alive; fails after ``timeout``."""
+    start = time.monotonic()
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() - start < timeout, \
+            f"workers {[p for p in pids if alive(p)]} still running after {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+class Launcher:
+    """``python -m trainer.launch`` in a subprocess, its output collected by a thread."""
+
+    def __init__(self, tmp_path, *flags: str, worker_args=(), stdout=None):
+        path = tmp_path / "sleeper.py"
+        path.write_text(textwrap.dedent(SLEEPER))
+        self.proc = subprocess.Popen(
+            [*LAUNCHER, "--num_workers=2", *flags, "--", str(path), *worker_args], cwd=ROOT,
+            stdout=stdout or subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list = []
+        self.pids: list = []
+        if stdout is None:
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace"))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 30) -> list:
+        """Waits for both workers' "ready"; returns their pids."""
+        deadline = time.monotonic() + timeout
+        while sum(line.endswith("ready\n") for line in self.lines) < 2:
+            assert self.proc.poll() is None, self.text
+            assert time.monotonic() < deadline, f"workers not ready in {timeout} s:\n{self.text}"
+            time.sleep(0.01)
+        self.pids = [int(pid) for _, pid in WORKER_PID.findall(self.text)]
+        assert len(self.pids) == 2, self.text
+        return self.pids
+
+    def wait(self, timeout: float) -> float:
+        """Seconds until the launcher returns; fails (and cleans up) after ``timeout``."""
+        start = time.monotonic()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"the launcher hung: no exit {timeout} s after the signals\n{self.text}")
+        if hasattr(self, "_reader"):
+            self._reader.join(timeout=5)
+        return time.monotonic() - start
+
+    def kill_all(self):
+        """Test clean-up: the launcher and the workers it reported."""
+        for pid in [self.proc.pid, *self.pids]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def launchers():
+    """Starts Launchers; whatever a failing test leaves running is killed."""
+    started = []
+
+    def start(*args, **kwargs) -> Launcher:
+        started.append(Launcher(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for launcher in started:
+        if launcher.proc.poll() is None or any(alive(pid) for pid in launcher.pids):
+            launcher.kill_all()
+
+
+def send_back_to_back(pid: int, first, second, gap_s: float) -> None:
+    os.kill(pid, first)
+    end = time.perf_counter() + gap_s  # Busy-wait: sleep() cannot wait a few microseconds.
+    while time.perf_counter() < end:
+        pass
+    os.kill(pid, second)
+
+
+# The second signal must land while the launcher is still handling the first (the old
+# launcher deadlocked when it came while its handler held the output lock, a window of tens
+# of microseconds): sweep the gap across it.
+GAPS_S = [0, 10e-6, 20e-6, 30e-6, 40e-6, 50e-6, 70e-6, 100e-6]
+
+
+@pytest.mark.parametrize("first, second", [
+    (signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT),
+    (signal.SIGTERM, signal.SIGINT)], ids=["TERM-TERM", "INT-INT", "TERM-INT"])
+def test_two_quick_signals_stop_the_workers_and_the_launcher_returns(
+        tmp_path, launchers, first, second):
+    for gap in GAPS_S:
+        launcher = launchers(tmp_path, "--grace_s=30")
+        pids = launcher.wait_ready()
+        send_back_to_back(launcher.proc.pid, first, second, gap)
+        elapsed = launcher.wait(timeout=10)
+        assert elapsed < 5, (gap, elapsed)
+        wait_gone(pids, timeout=2)
+        # The workers die of the forwarded SIGTERM, or of the SIGKILL the second signal sends.
+        assert launcher.proc.returncode in (128 + signal.SIGTERM, 128 + signal.SIGKILL), \
+            launcher.text
+        name = signal.Signals(first).name
+        assert launcher.text.count(f"[launch] received {name}; stopping the workers") == 1, \
+            launcher.text
+
+
+def test_second_signal_while_the_output_is_blocked_does_not_deadlock(tmp_path, launchers):
+    # A reader that stops reading (a paused pager, a stalled log collector) blocks the
+    # launcher's own writes; the old signal handler then held the output lock while it
+    # waited, and a second signal deadlocked it every time.
+    read_fd, write_fd = os.pipe()
+    try:
+        launcher = launchers(tmp_path, "--grace_s=30", stdout=write_fd)
+        chunks = []
+        deadline = time.monotonic() + 30
+        while b"".join(chunks).count(b"ready\n") < 2:
+            assert time.monotonic() < deadline and launcher.proc.poll() is None, chunks
+            if select.select([read_fd], [], [], 0.1)[0]:
+                chunks.append(os.read(read_fd, 65536))
+        pids = launcher.pids = [int(pid) for _, pid in
+                                WORKER_PID.findall(b"".join(chunks).decode())]
+        # Fill the pipe through a non-blocking descriptor of our own (the launcher's stays
+        # blocking): its next write blocks.
+        filler = os.open(f"/proc/self/fd/{write_fd}", os.O_WRONLY | os.O_NONBLOCK)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(filler, b"." * 4096)
+        os.close(filler)
+        os.kill(launcher.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)  # The launcher is now stuck writing "received SIGTERM".
+        os.kill(launcher.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.close(write_fd)  # Ours; the launcher and its workers keep theirs.
+        write_fd = -1
+
+        def drain():
+            while data := os.read(read_fd, 65536):
+                chunks.append(data)
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        launcher.wait(timeout=10)
+        reader.join(timeout=5)
+        wait_gone(pids, timeout=2)
+        text = b"".join(chunks).decode()
+        assert "[launch] received SIGTERM; stopping the workers" in text
+        assert launcher.proc.returncode in (128 + signal.SIGTERM, 128 + signal.SIGKILL), text
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_second_signal_kills_workers_that_ignore_sigterm_at_once(tmp_path, launchers):
+    launcher = launchers(tmp_path, "--grace_s=60", worker_args=["--ignore-sigterm"])
+    pids = launcher.wait_ready()
+    os.kill(launcher.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while "[launch] received SIGTERM" not in launcher.text:
+        assert time.monotonic() < deadline, launcher.text
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert all(alive(pid) for pid in pids)  # SIGTERM ignored, and 60 s of grace left ...
+    os.kill(launcher.proc.pid, signal.SIGINT)
+    elapsed = launcher.wait(timeout=10)
+    assert elapsed < 3, elapsed  # ... but the second signal does not wait for it.
+    wait_gone(pids, timeout=1)
+    assert launcher.proc.returncode == 128 + signal.SIGKILL
+    assert "[launch] received SIGINT while stopping; killing the workers" in launcher.text
+    assert "[launch] failed: exit status 137" in launcher.text
+
+
+def test_one_sigterm_kills_workers_that_ignore_it_after_grace(tmp_path, launchers):
+    launcher = launchers(tmp_path, "--grace_s=1", worker_args=["--ignore-sigterm"])
+    pids = launcher.wait_ready()
+    os.kill(launcher.proc.pid, signal.SIGTERM)
+    elapsed = launcher.wait(timeout=15)
+    assert 1 <= elapsed < 5, elapsed
+    wait_gone(pids, timeout=1)
+    assert launcher.proc.returncode == 128 + signal.SIGKILL
+    assert "[launch] 2 worker(s) still running 1 s after SIGTERM; killing them" in launcher.text
+
+
+def test_killed_launcher_leaves_no_worker_running(tmp_path, launchers):
+    # SIGKILL cannot be caught: the kernel kills the workers (PR_SET_PDEATHSIG), even ones
+    # that ignore SIGTERM.
+    launcher = launchers(tmp_path, worker_args=["--ignore-sigterm"])
+    pids = launcher.wait_ready()
+    os.kill(launcher.proc.pid, signal.SIGKILL)
+    launcher.proc.wait(timeout=5)
+    assert wait_gone(pids, timeout=5) < 2
+
+
+def test_die_with_parent_sets_sigkill_and_kills_an_orphan(tmp_path):
+    report = script(tmp_path, """
+    import ctypes, signal
+    value = ctypes.c_int()
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+    print(signal.Signals(value.value).name if value.value else "none")
+    """)
+    child = subprocess.run([sys.executable, report], capture_output=True, text=True, timeout=30,
+                           preexec_fn=launch.die_with_parent(os.getpid()))
+    assert (child.returncode, child.stdout.strip()) == (0, "SIGKILL")
+    # A launcher that died between fork and prctl: the child sees another parent and dies.
+    orphan = subprocess.run([sys.executable, report], capture_output=True, timeout=30,
+                            preexec_fn=launch.die_with_parent(os.getpid() + 1))
+    assert orphan.returncode == -signal.SIGKILL and orphan.stdout == b""
+
+
+def test_cli_missing_program_is_one_line(tmp_path):
+    result = subprocess.run([*LAUNCHER, "--num_workers=2", "--", str(tmp_path / "nothing")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot start ") and "No such file" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""

@@ -113,7 +113,7 @@ def test_trainer_loss_scale_defaults(policy, loss_scale, wrapped, scale):
 def test_trainer_scaled_loss_matches_current_scale():
     trainer = Trainer(small_config(policy="mixed_bfloat16"))
     trainer.train_steps(2)
-    features, labels = next(iter(trainer.datasets.test))
+    features, labels = next(iter(trainer.datasets.train))
 
     @tf.function
     def losses():

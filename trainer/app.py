@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, Type
 
 from trainer import checkpoint, devices, distribute, loop, registry, reporting
+from trainer.actions import PeriodicAction
+from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.errors import UserError
-from trainer import preemption
-from trainer.actions import PeriodicAction
+from trainer.lockstep import Lockstep, check_restored_steps
 from trainer.preemption import PreemptionWatcher
 from trainer.summaries import SummaryWriter
 from trainer.trainer import Trainer
@@ -34,7 +36,8 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
 
     Every check of user input (model name and arguments, device, data files, output paths,
     a model_dir from another run) happens before the first step, so a mistake costs seconds
-    and changes nothing on disk.
+    and changes nothing on disk. Every worker of a multi-worker job runs this same sequence;
+    the collectives in it go through :mod:`trainer.lockstep`.
 
     Args:
       config: the run's settings.
@@ -49,54 +52,96 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     if trainer_cls is Trainer:
         registry.check_model_args(config.model, config.model_args)
     if config.metrics_file:
-        reporting.prepare_output_file(config.metrics_file)
+        reporting.check_output_file(config.metrics_file, flag="--metrics_file")
+    if config.model_dir:
+        reporting.check_output_dir(config.model_dir, flag="--model_dir")
     distribute.prepare(config)  # TF_CONFIG and the Gaudi card: before TensorFlow starts.
     device = devices.select_device(config.device, policy=config.policy)
     cluster = distribute.setup(config, device)
+    steps = Lockstep.of(cluster)
     trainer = trainer_cls(config, strategy=cluster.strategy)
-    chief = cluster.is_chief
-    if config.best_metric not in trainer.eval_metrics:
-        raise UserError(
-            f"unknown best_metric {config.best_metric!r}; this model reports "
-            f"{', '.join(trainer.eval_metrics)} (--best_metric)")
-    verbose = config.verbose and chief
-    checkpointer = _resume(config, trainer, cluster, verbose) if config.model_dir else None
-    if verbose:
-        reporting.banner(device=device, config=config, trainer=trainer)
-    mode = reporting.progress_mode(config.progress)
+    best_metric = _best_metric(config, trainer)
+    verbose = config.verbose
+    checkpointer = _resume(config, trainer, steps, verbose) if config.model_dir else None
+    with steps.chief_only() as chief:
+        if chief and verbose:
+            reporting.banner(device=device, config=config, trainer=trainer)
+    mode = steps.progress_mode(config.progress)
     progress = reporting.ProgressBar(trainer.datasets.steps_per_epoch, trainer.train_metrics) \
         if mode == "bar" and verbose else None
-    summaries = SummaryWriter(config.model_dir, enabled=chief)
+    summaries = SummaryWriter(config.model_dir, enabled=cluster.is_chief)
+    start_step = int(trainer.global_step.numpy())
+    final_step = config.epochs * trainer.datasets.steps_per_epoch
+    if checkpointer is not None and start_step >= final_step:
+        with steps.chief_only() as chief:
+            if chief and verbose:
+                print(f"{config.model_dir} is already at step {start_step}, the final step of "
+                      f"--epochs={config.epochs}; nothing to train (pass a larger --epochs to "
+                      "train further)", flush=True)
     try:
         with PreemptionWatcher() as watcher:
-            result = loop.fit(
-                trainer, checkpointer=checkpointer, summaries=summaries, progress=progress,
-                extra_actions=actions,
-                on_epoch_end=reporting.print_epoch if verbose and mode != "none" else None,
-                should_stop=lambda: preemption.agree(cluster, watcher.signal_name))
+            result = loop.FitLoop(
+                trainer, lockstep=steps, checkpointer=checkpointer, summaries=summaries,
+                progress=progress, extra_actions=actions, best_metric=best_metric,
+                on_log=reporting.print_epoch if verbose and mode != "none" else None,
+                should_stop=lambda: watcher.signal_name).run()
     finally:
         summaries.close()
         if checkpointer is not None:
             checkpointer.close()
     step = int(trainer.global_step.numpy())
     if result.stopped_by:
-        if verbose:
-            where = f"; checkpoint saved in {config.model_dir}, run the same command to resume" \
-                if checkpointer else " (no --model_dir: nothing saved)"
-            print(f"stopped by {result.stopped_by} at step {step}{where}", flush=True)
+        with steps.chief_only() as chief:
+            if chief and verbose:
+                where = (f"; checkpoint saved in {config.model_dir}, run the same command to "
+                         "resume") if checkpointer else " (no --model_dir: nothing saved)"
+                print(f"stopped by {result.stopped_by} at step {step}{where}", flush=True)
         return {"preempted": True, "global_step": step, "stopped_by": result.stopped_by}
     test = trainer.evaluate(trainer.datasets.test)
-    if verbose:
-        reporting.print_test(test)
     summary = _summary(config, trainer, device, cluster, result, test)
-    if config.metrics_file and chief:
-        reporting.write_json(config.metrics_file, summary)
+    with steps.chief_only() as chief:
+        if chief and verbose:
+            reporting.print_test(test)
+        if chief and config.metrics_file:
+            reporting.write_metrics(config.metrics_file, summary)
     if cluster.num_workers > 1:  # Every worker: equal checksums show the replicas stayed in sync.
         print(distribute.worker_line(cluster, summary), flush=True)
+    _check_finite_end(trainer, test, checkpointer)
     return summary
 
 
-def _resume(config: TrainConfig, trainer: Trainer, cluster, verbose: bool):
+def _best_metric(config: TrainConfig, trainer: Trainer) -> str:
+    """The validation metric that picks the best checkpoint ('auto': accuracy, else loss).
+
+    It matters only when a checkpoint is kept (``--model_dir``), so only then is a name this
+    model does not report refused.
+    """
+    name = config.best_metric
+    if name == "auto":
+        return "accuracy" if "accuracy" in trainer.eval_metrics else "loss"
+    if config.model_dir and name not in trainer.eval_metrics:
+        raise UserError(
+            f"unknown best_metric {name!r}; this model reports "
+            f"{', '.join(trainer.eval_metrics)} (--best_metric)")
+    return name
+
+
+def _check_finite_end(trainer: Trainer, test: dict, checkpointer) -> None:
+    """A run whose final weights or test loss are not finite did not train: exit non-zero."""
+    loss = test.get("loss", 0.0)
+    weights_finite = all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in trainer.model.weights)
+    if weights_finite and math.isfinite(loss):
+        return
+    what = "final weights" if not weights_finite else "test loss"
+    kept = (f"; the checkpoints in {checkpointer.model_dir} hold the last state"
+            if checkpointer is not None else "")
+    raise loop.TrainingStopped(
+        f"training diverged: the {what} are not finite ({int(trainer.skipped_steps.numpy())} "
+        f"non-finite steps were skipped){kept}. Lower --learning_rate, set --clip_norm, or "
+        "check the data for NaN/Inf")
+
+
+def _resume(config: TrainConfig, trainer: Trainer, steps: Lockstep, verbose: bool):
     """Checks ``config.model_dir`` belongs to this run, restores its newest checkpoint.
 
     Returns:
@@ -106,18 +151,20 @@ def _resume(config: TrainConfig, trainer: Trainer, cluster, verbose: bool):
     checkpoint.check_compatible(config.model_dir, signature,
                                 allow_policy_change=config.allow_policy_change)
     checkpointer = checkpoint.Checkpointer(trainer, model_dir=config.model_dir,
-                                           keep=config.keep_checkpoints, is_chief=cluster.is_chief)
+                                           keep=config.keep_checkpoints, is_chief=steps.is_chief)
     restored = checkpointer.restore_or_initialize()
     step = int(trainer.global_step.numpy())
-    if not distribute.all_workers_equal(cluster, step):
-        raise UserError(
-            f"the workers restored different steps from {config.model_dir}: it must be on a "
-            "file system that every worker can read (the chief writes, all restore)")
-    if cluster.is_chief:
-        checkpoint.write_run_file(config.model_dir, signature)
-    if restored and verbose:
-        epoch = step // trainer.datasets.steps_per_epoch
-        print(f"resuming from {restored} at step {step} (epoch {epoch} done)", flush=True)
+    check_restored_steps(steps, step, config.model_dir)
+    with steps.chief_only() as chief:
+        if chief:
+            checkpoint.write_run_file(config.model_dir, signature)
+        if chief and verbose:
+            for note in checkpointer.notes:
+                print(f"note: {note}", flush=True)
+            if restored:
+                epoch = step // trainer.datasets.steps_per_epoch
+                print(f"resuming from {restored} at step {step} (epoch {epoch} done)",
+                      flush=True)
     return checkpointer
 
 
@@ -135,9 +182,10 @@ def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, tes
         "learning_rate": config.learning_rate,
         "loss_scale_mode": str(config.resolved_loss_scale),
         "num_workers": cluster.num_workers,
-        "test_accuracy": test.get("accuracy"),
-        "test_loss": test["loss"],
-        "val_accuracy": result.history[-1].validation.get("accuracy") if result.history else None,
+        # Every evaluation metric, as test_<name> and (last validation) val_<name>.
+        **{f"test_{name}": value for name, value in test.items()},
+        **{f"val_{name}": value
+           for name, value in (result.history[-1].validation if result.history else {}).items()},
         "examples_per_sec": result.examples_per_sec,
         "step_time_ms": result.step_time_ms,
         "loss_scale": trainer.loss_scale,

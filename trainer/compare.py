@@ -114,7 +114,7 @@ def _train_one(trainer: Trainer, initial_weights, device: devices.DeviceInfo) ->
     # Memory is measured over training and testing; the dataset and weights load before.
     with PeakMemory(device) as memory:
         result = loop.fit(trainer, epochs=config.epochs, steps_per_loop=config.steps_per_loop,
-                          on_epoch_end=reporting.print_epoch if config.verbose else None,
+                          on_log=reporting.print_epoch if config.verbose else None,
                           extra_actions=[_loss_curve_action(trainer, curve)])
         test = trainer.evaluate(trainer.datasets.test)
     last = result.history[-1] if result.history else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from typing import Any, Mapping, Optional, Union
 
@@ -25,25 +26,59 @@ def unsupported_reason(device_kind: str, policy: str) -> str:
     return ""
 
 
+# The range of a fixed loss scale. Keras' own dynamic scale never drops below 1 (it halves
+# down to 1 and stops): a scale below 1 only pushes small gradients further into underflow,
+# the opposite of what scaling is for (--loss_scale=none turns it off). Above 2**126 the
+# reciprocal that unscales the gradients is a float32 subnormal, which TensorFlow flushes to
+# zero: every gradient becomes 0 and training silently stops learning (1e38 does exactly
+# that), and past float32's maximum (~3.4e38) the scale cannot even be made a tensor.
+MIN_FIXED_LOSS_SCALE = 1.0
+MAX_FIXED_LOSS_SCALE = 2.0 ** 126
+
+
 def parse_loss_scale(value: Union[str, float, int, None]) -> Union[str, float]:
-    """Normalises a loss-scale setting to 'auto', 'dynamic', 'none' or a positive float."""
+    """Normalises a loss-scale setting to 'auto', 'dynamic', 'none' or a fixed float.
+
+    Raises:
+      ConfigError: for text that is none of these, or a fixed scale that is not a finite
+        number in [MIN_FIXED_LOSS_SCALE, MAX_FIXED_LOSS_SCALE].
+    """
     if value is None:
         return "auto"
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("auto", "dynamic", "none"):
-            return text
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(
-                f"loss_scale must be 'dynamic', 'none' or a positive number, got {value!r} "
-                "(--loss_scale)") from None
-    if isinstance(value, bool) or not math.isfinite(float(value)) or float(value) <= 0:
+    if isinstance(value, str) and value.strip().lower() in ("auto", "dynamic", "none"):
+        return value.strip().lower()
+    scale = _to_float(value)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    if scale is None or math.isnan(scale) or scale <= 0:
         raise ConfigError(
-            f"loss_scale must be 'dynamic', 'none' or a positive number, got {value!r} "
+            f"loss_scale must be 'dynamic', 'none' or a positive number, got {shown} "
             "(--loss_scale)")
-    return float(value)
+    _check_fixed_loss_scale(scale, shown)
+    return scale
+
+
+def _to_float(value) -> Optional[float]:
+    """``value`` as a float (inf when too large for one); None when it is not a number."""
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        return None
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        return None
+    except OverflowError:  # An int beyond float range, e.g. 10**400.
+        return math.inf if value > 0 else -math.inf
+
+
+def _check_fixed_loss_scale(scale: float, shown: str) -> None:
+    if scale < MIN_FIXED_LOSS_SCALE:
+        raise ConfigError(
+            f"loss_scale {shown} is below 1, which only makes small gradients underflow; pass "
+            "a fixed scale >= 1, or --loss_scale=none to turn scaling off (--loss_scale)")
+    if scale > MAX_FIXED_LOSS_SCALE:
+        raise ConfigError(
+            f"loss_scale {shown} is too large: above 2**126 (about 8.5e37) unscaling flushes "
+            "every float32 gradient to zero; pass a fixed scale such as 32768, or "
+            "--loss_scale=dynamic (--loss_scale)")
 
 
 def parse_model_args(text: str) -> dict:
@@ -102,7 +137,7 @@ class TrainConfig:
     allow_policy_change: bool = False
     max_consecutive_skips: int = 100
     eval_every: int = 0
-    best_metric: str = "accuracy"
+    best_metric: str = "auto"
     grad_accum_steps: int = 1
     clip_norm: float = 0.0
     jit_compile: bool = False

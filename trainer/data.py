@@ -1,9 +1,19 @@
 """Datasets: Fashion-MNIST, MNIST and a synthetic stand-in, as `tf.data` pipelines.
 
-Images stay uint8 in memory; the pipeline gathers a shuffled batch of indices and converts
-it to float32 in [0, 1] on the host (the tutorial's advice: preprocess in float32 and let
-the model's first layer cast to the compute dtype). Shuffling indices rather than images
-keeps the shuffle buffer, and so a checkpointed iterator, small.
+The image contract: ``uint8`` images are scaled to float32 in [0, 1]; floating-point images
+are used as given (only cast to float32), so images a user normalised already are not
+divided by 255 again. Any other dtype is refused. Images stay in memory as given; the
+pipeline gathers a shuffled batch of indices and converts it to float32 on the host (the
+tutorial's advice: preprocess in float32 and let the model's first layer cast to the compute
+dtype). Shuffling indices rather than images keeps the shuffle buffer, and so a checkpointed
+iterator, small.
+
+Every dataset is checked when it is loaded (labels in ``[0, num_classes)``, as many labels as
+images, the same image shape in both splits), so a bad file stops the run before training.
+
+Evaluation batches have static shapes too: ``(features, labels, weights)``, always exactly
+``batch_size`` examples. The last partial batch is padded with copies of its last example
+that weigh 0 (real examples weigh 1); the Trainer weighs the loss and every metric by them.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import dataclasses
 import gzip
 import os
 import zipfile
-from typing import Callable, Optional, Tuple
+from typing import Callable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -36,7 +46,15 @@ IDX_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class Arrays:
-    """A dataset in memory: uint8 images (N, H, W, C) and int labels."""
+    """A dataset in memory: images (N, H, W, C) and int labels in ``[0, num_classes)``.
+
+    Images are ``uint8`` (the pipeline scales them to [0, 1]) or floating point (used as
+    given, cast to float32). :func:`check_arrays` enforces this and the rest of the contract.
+
+    Attributes:
+      files: optional; the file each array was read from (keys ``x_train``, ``y_train``,
+        ``x_test``, ``y_test``), so that an error names the file to fix.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -44,6 +62,7 @@ class Arrays:
     y_test: np.ndarray
     num_classes: int
     source: str
+    files: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -55,9 +74,11 @@ class Datasets:
     """The pipelines a Trainer consumes.
 
     Attributes:
-      train: infinite, shuffled, batched with ``drop_remainder`` (static shapes).
-      validation: finite, or None when ``validation_split`` is 0.
-      test: finite.
+      train: infinite, shuffled ``(features, labels)`` batches with ``drop_remainder``
+        (static shapes).
+      validation: finite ``(features, labels, weights)`` batches (see :func:`full_batches`),
+        or None when ``validation_split`` is 0.
+      test: finite ``(features, labels, weights)`` batches.
       steps_per_epoch: full batches in one pass over the training split.
       train_from: optional; ``train_from(n)`` is ``train`` with its first ``n`` examples
         skipped. With it a resumed run rebuilds its input position from the global step,
@@ -120,15 +141,9 @@ def _load_idx_folder(folder: str, num_classes: int = 10) -> Arrays:
                 "--data_dir")
         paths[key] = path
     arrays = {key: read_idx(path) for key, path in paths.items()}
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if len(x) != len(y):
-            raise UserError(
-                f"{paths['x_' + split]} holds {len(x)} images but {paths['y_' + split]} holds "
-                f"{len(y)} labels; the files are from different datasets or corrupt")
     return Arrays(arrays["x_train"][..., None], arrays["y_train"].astype(np.int32),
                   arrays["x_test"][..., None], arrays["y_test"].astype(np.int32),
-                  num_classes, folder)
+                  num_classes, folder, files=paths)
 
 
 def _load_npz(path: str) -> Arrays:
@@ -140,7 +155,8 @@ def _load_npz(path: str) -> Arrays:
             f"cannot read {path} ({error}); delete it so that Keras downloads it again, or pass "
             "--data_dir with the IDX files") from None
     return Arrays(x_train[..., None], y_train.astype(np.int32), x_test[..., None],
-                  y_test.astype(np.int32), 10, path)
+                  y_test.astype(np.int32), 10, path,
+                  files={key: f"{path}[{key}]" for key in IDX_FILES})
 
 
 def _keras_cache(*parts: str) -> str:
@@ -174,16 +190,70 @@ def _synthetic(examples: int, seed: int) -> Arrays:
     return Arrays(x[:examples], y[:examples], x[examples:], y[examples:], 10, "synthetic")
 
 
+def _describe(shape: Tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape) or "scalar"
+
+
+def check_arrays(arrays: Arrays) -> Arrays:
+    """Checks the contract of :class:`Arrays`; returns ``arrays`` unchanged.
+
+    Each split has as many labels as images and at least one example, images are uint8 or
+    floating point with the same shape in both splits, and every label is in
+    ``[0, num_classes)``. A bad test label would otherwise surface only after the whole
+    training run (as a traceback from the loss); a label past the last class trains silently.
+
+    Raises:
+      UserError: one line naming the file (or array) and the first bad index.
+    """
+    files = arrays.files
+
+    def name(key: str) -> str:
+        return files.get(key) or f"{key} of {arrays.source}"
+
+    fix = ("the file is corrupt or from another dataset; re-download it" if files else
+           "fix the arrays or num_classes")
+    for split in ("train", "test"):
+        x, y = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
+        x_name, y_name = name(f"x_{split}"), name(f"y_{split}")
+        if len(x) != len(y):
+            raise UserError(
+                f"{x_name} holds {len(x)} images but {y_name} holds {len(y)} labels; the files "
+                "are from different datasets or corrupt")
+        if not len(x):
+            raise UserError(f"{x_name} holds no examples; {fix}")
+        if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+            raise UserError(
+                f"{x_name} holds {x.dtype} images; images must be uint8 (scaled to [0, 1]) or "
+                "floating point (used as given)")
+        outside = (y < 0) | (y >= arrays.num_classes)
+        if outside.any():
+            index = int(np.argmax(outside.reshape(len(y), -1).any(axis=1)))
+            raise UserError(
+                f"{y_name}: label {y[index]} at index {index} is outside "
+                f"[0, {arrays.num_classes}); {fix}")
+    train_shape, test_shape = arrays.x_train.shape[1:], arrays.x_test.shape[1:]
+    if train_shape != test_shape:
+        raise UserError(
+            f"{name('x_test')} holds {_describe(test_shape)} images but {name('x_train')} holds "
+            f"{_describe(train_shape)} images; both splits must come from one dataset")
+    return arrays
+
+
 def load_arrays(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
                 synthetic_examples: int = 4096) -> Arrays:
-    """Loads ``name`` ('fashion_mnist', 'mnist', 'synthetic') into memory.
+    """Loads ``name`` ('fashion_mnist', 'mnist', 'synthetic') into memory and checks it.
 
     Fashion-MNIST: ``data_dir``, else Debian's copy, else the Keras cache, else a download.
     MNIST: ``data_dir`` (IDX files or mnist.npz), else the Keras cache, else a download.
 
     Raises:
-      UserError: naming the missing or corrupt file and the fix.
+      UserError: naming the missing or corrupt file (see :func:`check_arrays`) and the fix.
     """
+    return check_arrays(_load(name, data_dir=data_dir, seed=seed,
+                              synthetic_examples=synthetic_examples))
+
+
+def _load(name: str, *, data_dir: Optional[str], seed: int, synthetic_examples: int) -> Arrays:
     if name == "synthetic":
         return _synthetic(synthetic_examples, seed)
     if name == "fashion_mnist":
@@ -206,14 +276,75 @@ def load_arrays(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
 # ---------------------------------------------------------------------------- pipelines
 
 
-def _to_float(images: tf.Tensor, labels: tf.Tensor):
-    return tf.cast(images, tf.float32) / 255.0, labels
+def to_float(images: tf.Tensor) -> tf.Tensor:
+    """The image contract: uint8 becomes float32 in [0, 1]; floating point is only cast."""
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) / 255.0
+    return tf.cast(images, tf.float32)
+
+
+def _pad_to(batch_size: int):
+    """Pads one batch of ``(features, labels[, weights])`` to ``batch_size`` examples.
+
+    Padding repeats the batch's last example (so a loss or metric never sees an input it
+    could turn into NaN, and 0 x NaN never poisons a sum) with weight 0. The result has a
+    static batch dimension: ``gather`` with ``batch_size`` indices.
+    """
+    def pad(features, labels, weights=None):
+        count = tf.shape(tf.nest.flatten(labels)[0])[0]
+        positions = tf.range(batch_size)
+        index = tf.minimum(positions, count - 1)
+        real = tf.cast(positions < count, tf.float32)
+        if weights is None:
+            weights = real
+        else:
+            weights = tf.cast(tf.gather(weights, index), tf.float32)
+            weights *= tf.reshape(real, [batch_size] + [1] * (weights.shape.rank - 1))
+        take = lambda t: tf.gather(t, index)  # noqa: E731
+        return tf.nest.map_structure(take, features), tf.nest.map_structure(take, labels), weights
+    return pad
+
+
+def full_batches(dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Returns a finite ``dataset`` as full batches of ``batch_size`` with example weights.
+
+    ``dataset`` yields batches of any size of ``(features, labels)`` (each example weighs 1)
+    or ``(features, labels, weights)``, Keras's convention. The result yields
+    ``(features, labels, weights)`` with a static batch dimension of ``batch_size``; the last
+    batch is padded with weight-0 copies of its last example. A dataset that already is in
+    this form (the validation and test pipelines of :func:`make_datasets`) is returned as is.
+
+    Full batches matter under a distribution strategy: each global batch splits into equal,
+    non-empty shares for every replica and worker, every worker runs the same number of
+    steps, and a compiled step (XLA, Gaudi) never sees a new shape.
+
+    Raises:
+      ValueError: when the elements are not 2- or 3-tuples of batched tensors.
+    """
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+        raise ValueError(
+            "an evaluation dataset yields (features, labels) or (features, labels, weights) "
+            f"batches; this one yields {spec}")
+    if len(spec) == 3 and all(s.shape.rank and s.shape[0] == batch_size
+                              for s in tf.nest.flatten(spec)):
+        return dataset
+    return (dataset.unbatch()
+            .batch(batch_size)
+            .map(_pad_to(batch_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
 
 
 def _finite(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    pad = _pad_to(batch_size)
+
+    def prepare(images, labels):
+        images, labels, weights = pad(images, labels)  # Pads the uint8 images: less to copy.
+        return to_float(images), labels, weights
+
     return (tf.data.Dataset.from_tensor_slices((x, y))
             .batch(batch_size)
-            .map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
+            .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
 
 
@@ -224,9 +355,14 @@ def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, s
     ``Model.fit(validation_split=...)``. Training batches are full (``drop_remainder``) so
     every step has the same static shape (Gaudi recompiles on a new shape).
 
+    Validation and test batches are full-size too, padded with weight-0 examples (see
+    :func:`full_batches`).
+
     Raises:
-      UserError: when the batch is larger than the training split.
+      UserError: when the batch is larger than the training split, or ``arrays`` break the
+        contract (see :func:`check_arrays`; arrays a user built were never checked).
     """
+    check_arrays(arrays)
     n_val = int(len(arrays.x_train) * validation_split)
     n_train = len(arrays.x_train) - n_val
     if n_train < batch_size:
@@ -237,7 +373,7 @@ def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, s
     y_train = tf.constant(arrays.y_train[:n_train])
 
     def gather(indices):
-        return _to_float(tf.gather(x_train, indices), tf.gather(y_train, indices))
+        return to_float(tf.gather(x_train, indices)), tf.gather(y_train, indices)
 
     def epoch_order(epoch):
         # A fresh permutation per epoch from (seed, epoch): the order is a pure function of

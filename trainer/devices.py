@@ -2,17 +2,24 @@
 
 Call :func:`select_device` before any TensorFlow op runs: hiding GPUs and loading Habana's
 bridge both have to happen before the runtime initialises its devices.
+
+Habana's bridge is only loaded once the Gaudi driver and a card are known to be there: with no
+driver, ``load_habana_module()`` fails half-way (AttributeError) *after* registering the HPU
+device with TensorFlow, and the next device query then aborts the whole process (SIGABRT in
+the bridge's synapse shim). So a missing card must be found out before loading, not by it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import importlib.util
 import logging
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
+from trainer import reporting
 from trainer.compat import tf
 from trainer.config import unsupported_reason
 from trainer.errors import UserError
@@ -22,6 +29,13 @@ HABANA_TF_VERSION = "2.15.0"
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # Module-level so tests can point it at a fake cpuinfo.
 CPUINFO_PATH = "/proc/cpuinfo"
+# The Gaudi driver's file that the bridge reads for the card type while it loads (1.14:
+# habana_device.get_type); unreadable, load_habana_module() fails half-way. Module-level, like
+# the device nodes below, so tests can point them at fake files.
+HABANA_DRIVER_FILE = "/sys/class/accel/accel0/device/device_type"
+# A card's device node (the kernel's accel subsystem). A container the cards were not passed
+# into still sees the driver's files under /sys, but no node.
+HABANA_DEVICE_NODES = "/dev/accel/accel[0-9]*"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +93,37 @@ def habana_available() -> bool:
         return False
 
 
+def gaudi_card() -> Tuple[str, str]:
+    """The Gaudi card type the driver reports (e.g. 'GAUDI2') and, when unusable, why not.
+
+    Reads only files: safe before TensorFlow starts and without loading the bridge.
+
+    Returns:
+      (card type, '') when the driver and at least one card are visible to this process,
+      else ('', a short cause such as 'cannot read /sys/...: No such file or directory').
+    """
+    try:
+        with open(HABANA_DRIVER_FILE) as f:
+            card_type = f.readline().strip()
+    except OSError as error:
+        return "", f"cannot read {HABANA_DRIVER_FILE}: {error.strerror or error}"
+    if not card_type:
+        return "", f"{HABANA_DRIVER_FILE} is empty"
+    if not glob.glob(HABANA_DEVICE_NODES):
+        return "", (f"the driver reports a {card_type} but no device node matches "
+                    f"{HABANA_DEVICE_NODES}: the card is not visible to this process (in a "
+                    "container, pass the cards in)")
+    return card_type, ""
+
+
+def _hpu_unusable_reason() -> str:
+    """Why the installed bridge cannot give this process an HPU ('' when it can)."""
+    if tf.__version__ != HABANA_TF_VERSION:
+        return f"it needs TensorFlow {HABANA_TF_VERSION} and this is TensorFlow {tf.__version__}"
+    _, problem = gaudi_card()
+    return f"no Gaudi driver/card was found ({problem})" if problem else ""
+
+
 def _habana_missing_message(reason: str) -> str:
     return (
         f"--device=hpu needs Habana's TensorFlow bridge, but {reason}. The bridge is the "
@@ -89,7 +134,12 @@ def _habana_missing_message(reason: str) -> str:
 
 
 def load_habana() -> DeviceInfo:
-    """Imports Habana's bridge, calls ``load_habana_module()`` and finds an HPU device."""
+    """Imports Habana's bridge, checks for a Gaudi card, loads the bridge, finds the HPU.
+
+    Raises:
+      UserError: the wrong TensorFlow, no bridge, no driver or card, a failed load, or no HPU
+        device after loading; one line that says what to do.
+    """
     if tf.__version__ != HABANA_TF_VERSION:
         raise UserError(_habana_missing_message(
             f"TensorFlow {tf.__version__} is installed and the bridge refuses any version "
@@ -98,7 +148,21 @@ def load_habana() -> DeviceInfo:
         habana = importlib.import_module(HABANA_MODULE)
     except ImportError as error:
         raise UserError(_habana_missing_message(f"importing it failed ({error})")) from None
-    habana.load_habana_module()
+    card_type, problem = gaudi_card()
+    if problem:  # Before loading: a failed load leaves no way back to the CPU (module doc).
+        raise UserError(
+            f"--device=hpu but no Gaudi driver/card was found ({problem}); install and load "
+            "the Gaudi driver (hl-smi lists the cards; BUILD.md, 'Gaudi set-up'), or train on "
+            "the CPU with --device=cpu")
+    try:
+        habana.load_habana_module()
+    except Exception as error:  # pylint: disable=broad-except - it raises whatever failed.
+        cause = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise UserError(
+            f"Habana's bridge failed to load on this {card_type} ({cause}); check that the "
+            "Gaudi driver and habana-tensorflow come from the same Gaudi release (hl-smi shows "
+            "the driver version; BUILD.md, 'Gaudi set-up'), or train on the CPU with "
+            "--device=cpu (this process cannot fall back to it after a failed load)") from None
     # Physical, not logical, devices: listing logical ones starts the TensorFlow runtime, and
     # a multi-worker strategy (HPUStrategy) must be created before that happens.
     hpus = tf.config.list_physical_devices("HPU")
@@ -107,9 +171,8 @@ def load_habana() -> DeviceInfo:
             "--device=hpu: Habana's bridge loaded but TensorFlow sees no HPU device; check that "
             "the Gaudi driver is loaded (hl-smi lists the cards) and that HABANA_VISIBLE_MODULES "
             "does not hide them")
-    device_type = getattr(habana, "get_device_type", lambda: "Gaudi")()
-    name = "/device:HPU:0"
-    return DeviceInfo("hpu", name, f"Intel {device_type} HPU ({len(hpus)} visible)", True)
+    return DeviceInfo("hpu", "/device:HPU:0", f"Intel {card_type} HPU ({len(hpus)} visible)",
+                      True)
 
 
 def _gpu_info(gpu) -> DeviceInfo:
@@ -132,16 +195,15 @@ def _cpu_info() -> DeviceInfo:
 def select_device(requested: str, *, policy: str) -> DeviceInfo:
     """Makes ``requested`` ('auto', 'cpu', 'gpu', 'hpu') the device TensorFlow uses.
 
-    'auto' picks an HPU when Habana's bridge is installed, else a GPU, else the CPU.
+    'auto' picks an HPU when Habana's bridge is installed and a Gaudi card is visible, else a
+    GPU, else the CPU. With the bridge but no usable card it says why on stderr (one
+    ``warning:`` line) and trains on what is left.
 
     Raises:
       UserError: when the device is missing, or the policy cannot run on it.
     """
     if requested == "auto":
-        if habana_available():
-            requested = "hpu"
-        else:
-            requested = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+        requested = _auto_device()
     reason = unsupported_reason(requested, policy)
     if reason:  # Before loading anything: 'auto' may have picked the HPU.
         raise UserError(f"policy {policy} cannot run on an {requested.upper()}: {reason}")
@@ -157,6 +219,35 @@ def select_device(requested: str, *, policy: str) -> DeviceInfo:
     if gpus:
         tf.config.set_visible_devices([], "GPU")  # --device=cpu means no GPU at all.
     return _warn_if_slow(_cpu_info(), policy)
+
+
+def _auto_device() -> str:
+    """'hpu', 'gpu' or 'cpu' for --device=auto; notes why an installed bridge is not used."""
+    hpu_problem = ""
+    if habana_available():
+        hpu_problem = _hpu_unusable_reason()
+        if not hpu_problem:
+            return "hpu"
+    fallback = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    if hpu_problem:
+        reporting.warn(f"Habana's bridge is installed but {hpu_problem}; training on the "
+                       f"{fallback.upper()} (--device={fallback} skips this check)")
+    return fallback
+
+
+def check_jit_compile(info: DeviceInfo, jit_compile: bool) -> None:
+    """Refuses ``--jit_compile`` on an HPU: Gaudi has no XLA.
+
+    Call it right after :func:`select_device` (``--device=auto`` may have picked the HPU).
+
+    Raises:
+      UserError: jit_compile on an HPU.
+    """
+    if jit_compile and info.kind == "hpu":
+        raise UserError(
+            f"--jit_compile compiles the train step with XLA, which Gaudi does not have "
+            f"(this run uses {info.description}; Habana's bridge compiles graphs for the HPU "
+            "itself); drop --jit_compile, or use it with --device=cpu or --device=gpu")
 
 
 def slower_than_float32(info: DeviceInfo, policy: str) -> str:

@@ -7,12 +7,18 @@ Each worker gets ``TF_CONFIG`` for a localhost cluster (worker i on port base + 
 (what ``mpirun`` gives as ``OMPI_COMM_WORLD_*``). Their output is streamed with a ``[wI]``
 prefix. When one worker fails, the launcher stops the others (SIGTERM, then SIGKILL after
 ``--grace_s``) instead of leaving them blocked in a collective, and exits non-zero.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) to the launcher is forwarded to the workers as SIGTERM
+(run.py then saves a checkpoint and exits 0); they are killed if still running ``--grace_s``
+later, or at once on a second signal. If the launcher itself dies, even by SIGKILL, the kernel
+kills its workers (``PR_SET_PDEATHSIG``), so none is left behind.
 On several machines use ``mpirun`` instead (see docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -21,9 +27,15 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 POLL_S = 0.1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
+
+
+class StartError(Exception):
+    """A worker's command could not be started."""
 
 
 def free_ports(count: int) -> List[int]:
@@ -54,6 +66,44 @@ def worker_env(index: int, addresses: Sequence[str], base: Optional[dict] = None
     return env
 
 
+def _load_prctl():
+    """libc's ``prctl``, or None off Linux. Loaded in the launcher: the forked child before
+    exec must not import or dlopen anything."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn`` after which the worker is SIGKILLed when ``parent_pid`` dies.
+
+    SIGKILL, not SIGTERM: a worker that outlives its launcher has lost its supervisor and its
+    stdout (a broken pipe: its next print fails), so a clean SIGTERM stop (run.py's preemption
+    checkpoint, agreed with its peers) could not complete or be watched, and a worker that
+    blocks SIGTERM or hangs in a collective would then run forever. SIGKILL is certain; the
+    chief's last periodic checkpoint is whole and the job resumes from it.
+
+    The death signal is tied to the *thread* that forked the child: call Popen from the
+    launcher's main thread, which lives as long as the launcher.
+    """
+    prctl = _load_prctl()
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The launcher may have died between fork and prctl: then no signal would ever come.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def _describe(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -67,11 +117,20 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _write(out, lock: threading.Lock, text: str) -> None:
+    with lock:
+        try:
+            out.write(text)
+            out.flush()
+        except (OSError, ValueError):
+            # Our output is gone (a closed pipe): carry on, so workers are still reaped and
+            # their pipes drained instead of blocking them.
+            pass
+
+
 def _stream(index: int, pipe, out, lock: threading.Lock) -> None:
     for line in iter(pipe.readline, b""):
-        with lock:
-            out.write(f"[w{index}] {line.decode(errors='replace')}")
-            out.flush()
+        _write(out, lock, f"[w{index}] {line.decode(errors='replace')}")
     pipe.close()
 
 
@@ -84,9 +143,91 @@ def _signal_all(procs, sig) -> None:
                 pass
 
 
+class _Supervisor:
+    """Watches the workers from the main thread and stops them, bounded in time.
+
+    Signal handlers only append to :attr:`received`; everything else (forwarding, printing)
+    happens here, outside the handler. A handler that printed would take the output lock,
+    and a second signal arriving while the main thread holds it deadlocks the launcher.
+    """
+
+    def __init__(self, procs, grace_s: float, say: Callable[[str], None]):
+        self.procs = procs
+        self.grace_s = grace_s
+        self.say = say
+        self.received: List[int] = []  # Signal numbers, appended by the handler.
+        self._handled = 0
+        self._kill_at: Optional[float] = None  # Set once the workers were sent SIGTERM.
+        self._killed = False
+        self.status = 0
+        self._failed: Optional[int] = None  # Index of the first worker seen failing.
+        self._reported = False  # Its failure was already printed.
+
+    def record(self, signum, frame) -> None:
+        """The signal handler: records and returns. No lock, no I/O (see the class doc)."""
+        del frame
+        self.received.append(signum)
+
+    def _terminate(self) -> None:
+        _signal_all(self.procs, signal.SIGTERM)
+        self._kill_at = time.monotonic() + self.grace_s
+
+    def _kill(self) -> None:
+        _signal_all(self.procs, signal.SIGKILL)
+        self._killed = True
+
+    def _on_signals(self) -> None:
+        while self._handled < len(self.received):
+            name = signal.Signals(self.received[self._handled]).name
+            self._handled += 1
+            if self._kill_at is None:
+                self._terminate()  # Before printing: output may block, stopping must not wait.
+                self.say(f"received {name}; stopping the workers (SIGKILL in "
+                         f"{self.grace_s:g} s, or at once on another signal)")
+            elif not self._killed:
+                self._kill()
+                self.say(f"received {name} while stopping; killing the workers")
+
+    def _on_exits(self) -> None:
+        if self.status:
+            return
+        failed = [(i, p) for i, p in enumerate(self.procs) if p.poll() not in (None, 0)]
+        if not failed:
+            return
+        index, proc = failed[0]
+        self._failed, self.status = index, _exit_code(proc.returncode)
+        running = [p for p in self.procs if p.poll() is None]
+        if running and self._kill_at is None:
+            self._terminate()
+            self.say(f"worker {index} {_describe(proc.returncode)}; stopping the other "
+                     f"{len(running)} worker(s), which cannot continue without it")
+            self._reported = True
+
+    def run(self) -> int:
+        """Waits until every worker has exited; returns the job's exit status."""
+        while True:
+            self._on_signals()
+            self._on_exits()
+            running = [p for p in self.procs if p.poll() is None]
+            if not running:
+                break
+            if self._kill_at is not None and not self._killed and time.monotonic() >= self._kill_at:
+                self._kill()
+                self.say(f"{len(running)} worker(s) still running {self.grace_s:g} s after "
+                         "SIGTERM; killing them")
+            time.sleep(POLL_S)
+        if self.status and not self._reported:
+            self.say(f"worker {self._failed} {_describe(self.procs[self._failed].returncode)}")
+        if self.status:
+            self.say(f"failed: exit status {self.status}")
+        return self.status
+
+
 def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
            grace_s: float = 10.0, out=None) -> int:
     """Runs ``command`` as ``num_workers`` workers of one localhost cluster.
+
+    Call it from the main thread (it handles SIGINT and SIGTERM while it runs).
 
     Args:
       command: the program and its arguments; a leading ``*.py`` runs under this Python.
@@ -96,8 +237,11 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
       out: where the prefixed output goes (default stdout).
 
     Returns:
-      0 when every worker succeeded, else the first failing worker's exit status
-      (128 + signal number when it was killed).
+      0 when every worker succeeded (also after a SIGTERM they handled cleanly), else the
+      first failing worker's exit status (128 + signal number when it was killed).
+
+    Raises:
+      StartError: a worker could not be started (e.g. no such program); none is left running.
     """
     out = out or sys.stdout
     command = list(command)
@@ -106,69 +250,43 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
     ports = free_ports(num_workers) if base_port == 0 else [base_port + i for i in range(num_workers)]
     addresses = [f"localhost:{port}" for port in ports]
     lock = threading.Lock()
-
-    def say(message: str) -> None:
-        with lock:
-            out.write(f"[launch] {message}\n")
-            out.flush()
-
-    procs, threads = [], []
-    for index in range(num_workers):
-        proc = subprocess.Popen(command, env=worker_env(index, addresses), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        thread = threading.Thread(target=_stream, args=(index, proc.stdout, out, lock),
-                                  daemon=True)
-        thread.start()
-        procs.append(proc)
-        threads.append(thread)
-        say(f"worker {index}: pid {proc.pid}, {addresses[index]}")
-
-    def forward(signum, frame):
-        del frame
-        say(f"received {signal.Signals(signum).name}; stopping the workers")
-        _signal_all(procs, signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    status = 0
+    procs: list = []
+    threads = []
+    supervisor = _Supervisor(procs, grace_s, lambda message: _write(
+        out, lock, f"[launch] {message}\n"))
+    previous = {sig: signal.signal(sig, supervisor.record) for sig in STOP_SIGNALS}
     try:
-        while any(proc.poll() is None for proc in procs):
-            failed = [(i, p) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                index, proc = failed[0]
-                status = _exit_code(proc.returncode)
-                running = [p for p in procs if p.poll() is None]
-                say(f"worker {index} {_describe(proc.returncode)}; stopping the other "
-                    f"{len(running)} worker(s), which cannot continue without it")
-                _stop(running, grace_s)
-                break
-            time.sleep(POLL_S)
+        # Every worker is forked before any output thread starts: the preexec_fn runs
+        # between fork and exec, where other threads' locks could be held.
+        preexec = die_with_parent(os.getpid())
+        for index in range(num_workers):
+            if supervisor.received:
+                break  # Stopped while starting: start no more.
+            try:
+                procs.append(subprocess.Popen(
+                    command, env=worker_env(index, addresses), stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec))
+            except OSError as error:
+                raise StartError(
+                    f"cannot start {command[0]!r} ({error.strerror or error}); give an "
+                    "existing program after --, e.g. -- run.py --distribution=multi_worker"
+                ) from None
+        for index, proc in enumerate(procs):
+            supervisor.say(f"worker {index}: pid {proc.pid}, {addresses[index]}")
+            thread = threading.Thread(target=_stream, args=(index, proc.stdout, out, lock),
+                                      daemon=True)
+            thread.start()
+            threads.append(thread)
+        return supervisor.run()
     finally:
-        _stop(procs, grace_s)
+        # Only after an error in the launcher itself is anything still running here.
+        _signal_all(procs, signal.SIGKILL)
+        for proc in procs:
+            proc.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for thread in threads:
             thread.join(timeout=5)
-    if status == 0:
-        bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-        if bad:
-            status = _exit_code(bad[0][1])
-            say(f"worker {bad[0][0]} {_describe(bad[0][1])}")
-    if status:
-        say(f"failed: exit status {status}")
-    return status
-
-
-def _stop(procs, grace_s: float) -> None:
-    running = [p for p in procs if p.poll() is None]
-    if not running:
-        return
-    _signal_all(running, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(p.poll() is None for p in running):
-        time.sleep(POLL_S)
-    _signal_all(running, signal.SIGKILL)
-    for proc in running:
-        proc.wait()
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -181,7 +299,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--base_port", type=int, default=0,
                         help="Worker i listens on base_port + i (default: free ports).")
     parser.add_argument("--grace_s", type=float, default=10.0,
-                        help="Seconds between SIGTERM and SIGKILL when stopping workers.")
+                        help="Seconds between SIGTERM and SIGKILL when stopping workers "
+                             "(after a worker failed or the launcher got SIGTERM/SIGINT).")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="After --: the program and its arguments, e.g. run.py ...")
     args = parser.parse_args(argv)
@@ -201,8 +320,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    return launch(args.command, num_workers=args.num_workers, base_port=args.base_port,
-                  grace_s=args.grace_s)
+    try:
+        return launch(args.command, num_workers=args.num_workers, base_port=args.base_port,
+                      grace_s=args.grace_s)
+    except StartError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, List, Sequence
 
+from trainer import reporting
 from trainer.compat import keras, mixed_precision, tf
 from trainer.errors import UserError
 
@@ -47,21 +48,35 @@ def check_output_dtypes(model: keras.Model, outputs, *, policy: str, auto_cast: 
     """Refuses a model whose outputs are not float32 under a mixed policy.
 
     A bf16/fp16 softmax feeding the loss loses accuracy (the tutorial's rule). With
-    ``auto_cast`` the Trainer casts outputs to float32 instead of refusing.
+    ``auto_cast`` the Trainer casts outputs to float32 instead of refusing, and this warns
+    once, naming the layers whose 16-bit output gets cast (a cast after a 16-bit softmax does
+    not bring the precision back).
 
     Raises:
       UserError: naming the offending output layer and the fix.
     """
-    if auto_cast or not is_mixed(policy):
+    if not is_mixed(policy):
         return
     flat = tf.nest.flatten(outputs)
-    for name, tensor in zip(output_names(model, len(flat)), flat):
-        if tensor.dtype != tf.float32:
-            raise UserError(
-                f"model {model.name!r} output layer {name!r} produces {tensor.dtype.name} under "
-                f"policy {policy}; the output (and a final softmax) must be float32: give that "
-                f"layer dtype='float32' (e.g. keras.layers.Activation('softmax', "
-                f"dtype='float32')), or pass --auto_cast_outputs to cast outputs automatically")
+    low = [(name, tensor.dtype.name) for name, tensor in zip(output_names(model, len(flat)), flat)
+           if tensor.dtype in (tf.float16, tf.bfloat16)]
+    if not low:
+        return
+    if auto_cast:
+        layers = ", ".join(f"{name!r} ({dtype})" for name, dtype in low)
+        reporting.warn(
+            f"--auto_cast_outputs: casting the 16-bit output of model {model.name!r} layer(s) "
+            f"{layers} to float32 under policy {policy}; a softmax computed in 16 bits stays "
+            "imprecise after the cast: give that layer dtype='float32' instead")
+        return
+    name, dtype = low[0]
+    raise UserError(
+        f"model {model.name!r} output layer {name!r} produces {dtype} under policy {policy}; "
+        f"the output (and a final softmax) must be float32: give that layer dtype='float32' "
+        f"(e.g. keras.layers.Activation('softmax', dtype='float32')); for a "
+        f"keras.applications model pass classifier_activation=None and add "
+        f"keras.layers.Activation('softmax', dtype='float32') on its output; or pass "
+        f"--auto_cast_outputs to cast outputs automatically")
 
 
 def cast_outputs(outputs):

@@ -9,8 +9,10 @@ from typing import Optional
 class PreemptionWatcher:
     """While active, SIGTERM and SIGINT set ``signal_name`` instead of killing the process.
 
-    The loop polls :attr:`requested` between step loops, saves a checkpoint and exits 0; a
-    second signal falls back to the default behaviour, so a stuck run can still be stopped.
+    The loop polls :attr:`signal_name` between step loops; the workers vote on it
+    (:meth:`trainer.lockstep.Lockstep.stop_vote`), so all of them stop at the same step, save
+    a checkpoint and exit 0. A second signal falls back to the default behaviour, so a stuck
+    run can still be stopped.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -41,18 +43,3 @@ class PreemptionWatcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def agree(cluster, reason: Optional[str]) -> Optional[str]:
-    """Makes every worker stop at the same step when any one of them was signalled.
-
-    Workers run collectives in lockstep, so one that stops alone would leave the others
-    waiting; a tiny all-reduce of the stop flag between step loops keeps them together.
-    """
-    if cluster.num_workers <= 1:
-        return reason
-    from trainer import distribute  # Deferred: this module is imported before TF is set up.
-
-    if distribute.any_worker(cluster, bool(reason)) and not reason:
-        return "a signal to another worker"
-    return reason

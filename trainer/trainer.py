@@ -10,10 +10,82 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from trainer import data, optimizers, precision, registry
+from trainer import data, lockstep, optimizers, precision, registry
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
+from trainer.errors import UserError
 from trainer.loss_scale import LossScaler
+
+
+def _check_accumulation(config: TrainConfig, replicas: int) -> None:
+    """Refuses a per-replica batch that ``grad_accum_steps`` cannot split evenly."""
+    k = config.grad_accum_steps
+    per_replica = config.batch_size // replicas
+    if k == 1 or (per_replica % k == 0 and config.batch_size % replicas == 0):
+        return
+    unit = replicas * k
+    lower = config.batch_size - config.batch_size % unit
+    fewer = max(d for d in range(1, k + 1) if per_replica % d == 0) if per_replica else 1
+    raise UserError(
+        f"--batch_size={config.batch_size} gives {per_replica} examples per replica on "
+        f"{replicas} replicas, which --grad_accum_steps={k} cannot split into equal "
+        f"micro-batches; use a --batch_size divisible by {unit} (e.g. "
+        f"--batch_size={lower or unit} or --batch_size={lower + unit}) or "
+        f"--grad_accum_steps={fewer}")
+
+
+def _describe_spec(spec) -> str:
+    """'(float32[32,28,28,1], int32[32])': an element_spec on one short line."""
+    def one(s):
+        shape = ",".join("?" if d is None else str(d) for d in s.shape.as_list()) \
+            if s.shape.rank is not None else "..."
+        return f"{s.dtype.name}[{shape}]" if hasattr(s, "dtype") else type(s).__name__
+    flat = [one(s) for s in tf.nest.flatten(spec)]
+    return "(" + ", ".join(flat) + ")"
+
+
+def _check_train_from(datasets: data.Datasets, owner: str) -> None:
+    """Refuses a ``train`` that ``train_from`` does not reproduce (the Trainer reads the latter).
+
+    The Trainer reads its input from ``train_from(examples_seen)``, so a ``build_datasets``
+    override that maps ``train`` to new features or targets but keeps the old ``train_from``
+    would silently train on the old data. Only a change of element spec (dtype, shape,
+    structure) is detectable without reading data; changes that keep it are the override's
+    duty (the ``build_datasets`` docstring says so).
+    """
+    if datasets.train_from is None:
+        return
+    got, expected = datasets.train.element_spec, datasets.train_from(0).element_spec
+    if got != expected:
+        raise UserError(
+            f"{owner}.build_datasets returned a `train` that yields {_describe_spec(got)} but a "
+            f"`train_from` that yields {_describe_spec(expected)}; the Trainer reads "
+            "train_from(n), which must be train with its first n examples skipped: change "
+            "train_from the same way (e.g. train_from=lambda n: base.train_from(n).map(fn)) "
+            "or set train_from=None")
+
+
+_NO_LIMIT = 2 ** 63 - 1  # max_consecutive_skips=0: the loop never stops for skips.
+
+
+def _split(t: tf.Tensor, k: int) -> tf.Tensor:
+    """``[B, ...]`` -> ``[k, B / k, ...]``, keeping every static dimension known."""
+    shape = t.shape.as_list()
+    dynamic = tf.shape(t)
+    micro = shape[0] // k if shape[0] is not None else -1
+    rest = [d if d is not None else dynamic[i + 1] for i, d in enumerate(shape[1:])]
+    return tf.reshape(t, [k, micro] + rest)
+
+
+def _contract_error(message: str) -> UserError:
+    """A UserError to raise while tracing: AutoGraph passes it through unchanged.
+
+    AutoGraph otherwise re-creates an exception raised in converted code with an 'in user
+    code:' stack in its message, and the user would get a multi-line error.
+    """
+    error = UserError(message)
+    error.ag_pass_through = True
+    return error
 
 
 class Trainer:
@@ -23,19 +95,49 @@ class Trainer:
     metrics) before the first trace, so tracing never creates state and a checkpoint can be
     restored into a fully built object.
 
+    Every step runs one finiteness check on the all-reduced gradients, under every policy and
+    loss-scale mode: a step with an Inf or NaN gradient is not applied, still counts as a
+    step, and is counted in ``skipped_steps`` and ``consecutive_skips``. A step loop stops
+    early, at exactly that step, once ``consecutive_skips`` reaches
+    ``config.max_consecutive_skips`` (or, under a dynamic scale, a step is skipped with the
+    scale at its floor of 1).
+
+    Gradient accumulation (``config.grad_accum_steps = k``): each replica's share of the
+    global batch (``batch_size / replicas``, which k must divide) is split into k equal
+    micro-batches that run one after another inside the compiled step, so only one
+    micro-batch's activations are alive at a time. Their unscaled float32 gradients are summed,
+    then come one finiteness check, one all-reduce and one optimizer update; ``global_step``
+    counts updates. The per-example loss is divided by the global batch either way, so for a
+    model in which each example's output depends on that example alone, the update equals one
+    step on the whole batch (up to float rounding; ``tests/test_accumulation.py`` checks it).
+    Layers that look across the batch break that equality: in training, BatchNormalization
+    normalises each micro-batch with that micro-batch's own mean and variance (statistics of
+    k times fewer examples, so noisier) and updates its moving mean and variance k times per
+    optimizer step, as k steps of the smaller batch would; a loss or layer that compares
+    examples within a batch sees only its micro-batch. Dropout draws a fresh mask per
+    micro-batch: the same distribution as on one big batch, not the same random numbers.
+    So accumulation equals one big batch only for models without batch-dependent layers.
+
     Args:
       config: the run configuration.
       strategy: a ``tf.distribute`` strategy; the default (no-op) strategy when None.
+
+    Raises:
+      UserError: ``grad_accum_steps`` does not divide the per-replica batch, the model's
+        output is not float32 under a mixed policy, or ``build_datasets`` returned a
+        ``train`` and ``train_from`` that disagree.
     """
 
     def __init__(self, config: TrainConfig, *, strategy: Optional[tf.distribute.Strategy] = None):
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
+        _check_accumulation(config, self.strategy.num_replicas_in_sync)
         # Same seed, same initial weights and data order: runs under different policies are
         # comparable. Seed before the datasets: tf.data's shuffle seed combines with the global
         # seed, so seeding later made the order depend on whatever ran before in the process.
         keras.utils.set_random_seed(config.seed)
         self.datasets = self.build_datasets()
+        _check_train_from(self.datasets, type(self).__name__)
         if config.deterministic:
             # Bit-exact resume: deterministic kernels, and layer RNGs (dropout) held in
             # tf.random.Generator variables, which are saved with the model.
@@ -75,6 +177,13 @@ class Trainer:
 
         ``train`` must be infinite and yield ``(features, labels)`` batches of the **global**
         batch size; the strategy splits each batch across replicas.
+
+        When ``train_from`` is set, the Trainer reads ``train_from(examples_seen)``, not
+        ``train``: ``train_from(n)`` must be ``train`` with its first ``n`` examples skipped.
+        To change the training data, change both alike (e.g. ``dataclasses.replace(base,
+        train=base.train.map(fn), train_from=lambda n: base.train_from(n).map(fn))``) or set
+        ``train_from=None`` (then the iterator's state is checkpointed where it can be). A
+        ``train`` whose element spec differs from ``train_from(0)``'s is refused.
         """
         arrays = data.load_arrays(self.config.dataset, data_dir=self.config.data_dir,
                                   seed=self.config.seed,
@@ -104,10 +213,13 @@ class Trainer:
     def compute_loss(self, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
         """Returns the float32 loss of each example, shape ``[per_replica_batch]``.
 
-        Runs in graph, once per replica. Return per-example values, not a mean: the base class
-        sums them and divides by the **global** batch size, so that when the strategy sums the
-        gradients of N replicas the result is the gradient of the global mean loss (a plain
-        per-replica mean would make the update N times too large).
+        Runs in graph, once per replica (and once per micro-batch under gradient
+        accumulation, where the batch is the micro-batch). Return per-example values, not a
+        mean: the base class sums them and divides by the **global** batch size, so that when
+        the strategy sums the gradients of N replicas the result is the gradient of the global
+        mean loss (a plain per-replica mean would make the update N times too large). Reduce
+        any other axes yourself: a result of another shape (a scalar, or ``[batch, 28, 28]``)
+        is refused with an error when the step is first traced.
         """
         return keras.losses.sparse_categorical_crossentropy(labels, outputs)
 
@@ -120,6 +232,12 @@ class Trainer:
 
         Keras metrics keep float32 running sums (in bf16, 4096 + 1 == 4096) and are
         aggregated across replicas when read.
+
+        In evaluation, batches are padded to full size and each example carries a weight
+        (0 for padding). ``metrics`` are then views whose ``update_state(...)`` (and call)
+        pass that weight as ``sample_weight`` by themselves, times any ``sample_weight`` you
+        pass: call ``update_state`` with per-example values, as here, and padding never
+        counts. A custom ``keras.metrics.Metric`` must accept and honour ``sample_weight``.
         """
         metrics["accuracy"].update_state(labels, outputs)
 
@@ -151,6 +269,9 @@ class Trainer:
         """
         items = {
             "model": self.model,
+            # The LossScaleOptimizer delegates its checkpoint dependencies to the inner
+            # optimizer, so the keys are the same with and without it, plus the loss-scale
+            # state ("optimizer/loss_scale/...") when the scale is dynamic.
             "optimizer": self.optimizer,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
@@ -184,25 +305,51 @@ class Trainer:
         """A float64 sum of every model weight, to compare runs."""
         return float(sum(tf.reduce_sum(tf.cast(w, tf.float64)).numpy() for w in self.model.weights))
 
+    def weights_finite(self) -> bool:
+        """True when every floating-point model weight is finite (no Inf, no NaN)."""
+        return all(bool(tf.reduce_all(tf.math.is_finite(w)).numpy())
+                   for w in self.model.weights if w.dtype.is_floating)
+
     # ------------------------------------------------------------------ public, fixed
 
-    def train_steps(self, num_steps: int) -> None:
-        """Runs ``num_steps`` train steps in one compiled call (an in-graph loop).
+    def train_steps(self, num_steps: int, max_consecutive_skips: Optional[int] = None) -> None:
+        """Runs up to ``num_steps`` train steps in one compiled call (an in-graph loop).
 
-        The count goes in as a tensor, so a new value does not retrace.
+        The loop ends early, right after the step at which ``consecutive_skips`` reaches
+        ``max_consecutive_skips`` (default ``config.max_consecutive_skips``; 0: no limit), or,
+        under a dynamic loss scale, a step is skipped with the scale at its floor (1); it runs
+        no step when that holds already. ``global_step`` tells how far it got and
+        ``loop.check_non_finite`` why it stopped. The counts go in as tensors, so new values
+        do not retrace.
         """
-        self._train_loop(self.train_iterator, tf.constant(num_steps, tf.int32))
+        limit = self.config.max_consecutive_skips if max_consecutive_skips is None \
+            else max_consecutive_skips
+        self._train_loop(self.train_iterator, tf.constant(num_steps, tf.int32),
+                         tf.constant(limit or _NO_LIMIT, tf.int64))
 
     def evaluate(self, dataset: tf.data.Dataset) -> Dict[str, float]:
-        """Returns the mean loss and metrics over the finite ``dataset``."""
+        """Returns the mean loss and metrics over the examples of the finite ``dataset``.
+
+        ``dataset`` yields ``(features, labels)`` or, Keras's convention, ``(features,
+        labels, weights)`` batches. Every batch goes in full-size and with a static shape
+        (``data.full_batches`` pads the last one with weight-0 examples), so under any
+        strategy each replica and worker gets an equal, non-empty share and a compiled step
+        never meets a new shape. The loss and every metric weigh each example by its weight,
+        so padding never counts: the result is that of the real examples alone.
+        """
         for metric in self.eval_metrics.values():
             metric.reset_state()
-        self._eval_loop(self._distribute(dataset))
+        full = data.full_batches(dataset, self.config.batch_size)
+        # The pipelines of data.make_datasets are full already: their distributed form is
+        # cached. Another dataset is padded anew on each call, and not cached, so that
+        # evaluating a fresh dataset every epoch keeps nothing alive.
+        self._eval_loop(self._distribute(dataset) if full is dataset
+                        else self.strategy.experimental_distribute_dataset(full))
         return {name: float(m.result()) for name, m in self.eval_metrics.items()}
 
     def train_results(self, reset: bool = False) -> Dict[str, float]:
         """Training loss and metrics accumulated since the last reset."""
-        results = {name: float(m.result()) for name, m in self.train_metrics.items()}
+        results = lockstep.read_metrics(self.train_metrics, name="train metrics")
         if reset:
             for metric in self.train_metrics.values():
                 metric.reset_state()
@@ -222,22 +369,61 @@ class Trainer:
             outputs = precision.cast_outputs(outputs)
         return outputs
 
-    def _train_loop_fn(self, iterator, num_steps):
-        for _ in tf.range(num_steps):
+    def _check_loss_shape(self, per_example, labels, features) -> None:
+        """Refuses, when the step is traced, a compute_loss result that is not one per example.
+
+        A ``[batch, 28, 28]`` loss would be summed over every pixel (the optimised loss 784x
+        the logged one), a scalar mean divided by the batch once more: both train silently
+        wrong. The static shape is all there is to check; an unknown dimension passes.
+        """
+        reference = tf.nest.flatten(labels) or tf.nest.flatten(features)
+        batch = reference[0].shape[0] if reference and reference[0].shape.rank else None
+        shape = per_example.shape
+        if shape.rank is None or (shape.rank == 1 and None in (batch, shape[0])) or \
+                shape.as_list() == [batch]:
+            return
+        part = "micro-batch" if self.config.grad_accum_steps > 1 else "batch"
+        raise _contract_error(
+            f"{type(self).__name__}.compute_loss returned shape {shape.as_list()}; it must "
+            f"return one loss per example, shape [{batch if batch is not None else 'batch'}] "
+            f"(this replica's {part}): reduce any other axes yourself (e.g. "
+            "tf.reduce_mean(loss, axis=[1, 2])) and do not average over the batch (the Trainer "
+            "divides the sum by the global batch size)")
+
+    def _storm(self, max_consecutive_skips):
+        """True once skipping non-finite steps no longer helps (see loop.check_non_finite)."""
+        consecutive = self.consecutive_skips.read_value()
+        stop = consecutive >= max_consecutive_skips
+        if self.loss_scaler.dynamic:
+            stop = tf.logical_or(stop, tf.logical_and(consecutive > 0,
+                                                      self.loss_scaler.scale <= 1.0))
+        return stop
+
+    def _train_loop_fn(self, iterator, num_steps, max_consecutive_skips):
+        # The storm check is the loop's condition, so a run stops at exactly the step that
+        # hit the limit, not at the end of its step loop.
+        step = tf.constant(0, tf.int32)
+        while step < num_steps and not self._storm(max_consecutive_skips):
             skipped = self.strategy.run(self._replica_train_step, args=(next(iterator),))
-            if self.loss_scaler.dynamic:
-                # Gradients were all-reduced before the finiteness check, so every replica
-                # agrees; the first local value stands for all.
-                skipped = tf.cast(self.strategy.experimental_local_results(skipped)[0], tf.int64)
-                self.skipped_steps.assign_add(skipped)
-                self.consecutive_skips.assign(skipped * (self.consecutive_skips + 1))
+            # Gradients were all-reduced before the finiteness check, so every replica
+            # agrees; the first local value stands for all.
+            skipped = tf.cast(self.strategy.experimental_local_results(skipped)[0], tf.int64)
+            self.skipped_steps.assign_add(skipped)
+            self.consecutive_skips.assign(skipped * (self.consecutive_skips + 1))
+            step += 1
 
     def _gradients_fn(self, features, labels):
-        """Unscaled float32 gradients of one (micro-)batch, its per-example loss and outputs."""
+        """Unscaled float32 gradients of one (micro-)batch, its per-example loss and outputs.
+
+        A variable the loss does not depend on (an unused layer) gets None, not zeros: the
+        update then leaves it alone, where zeros would still move it under weight decay or
+        momentum.
+        """
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             outputs = self._forward(features, training=True)
             per_example = self.compute_loss(labels, outputs)
+            self._check_loss_shape(per_example, labels, features)
             # Sum / global batch: summing over micro-batches and replicas gives the mean.
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.config.batch_size)
             if self.model.losses:
@@ -245,29 +431,20 @@ class Trainer:
                 loss += tf.nn.scale_regularization_loss(regularization)
             scaled_loss = self.loss_scaler.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, variables)
-        gradients = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-                     for g, v in zip(gradients, variables)]
+        gradients = [None if g is None else tf.convert_to_tensor(g) for g in gradients]
         return self.loss_scaler.unscale_gradients(gradients), per_example, outputs
 
     def _replica_train_step(self, batch):
         features, labels = batch
-        accum_steps = self.config.grad_accum_steps
-        if accum_steps == 1:
+        if self.config.grad_accum_steps == 1:
             gradients, per_example, outputs = self._gradients(features, labels)
             self._update_train_metrics(labels, outputs, per_example)
         else:
-            # k micro-batches, one at a time (activations of one micro-batch in memory); their
-            # unscaled float32 gradients are summed, then one finite check and one update.
-            split = lambda t: tf.reshape(t, [accum_steps, -1] + t.shape[1:].as_list())  # noqa: E731
-            micro_features = tf.nest.map_structure(split, features)
-            micro_labels = tf.nest.map_structure(split, labels)
-            gradients = [tf.zeros_like(v) for v in self.model.trainable_variables]
-            for i in tf.range(accum_steps):
-                f_i = tf.nest.map_structure(lambda t: t[i], micro_features)  # noqa: B023
-                l_i = tf.nest.map_structure(lambda t: t[i], micro_labels)  # noqa: B023
-                micro_gradients, per_example, outputs = self._gradients(f_i, l_i)
-                gradients = [a + g for a, g in zip(gradients, micro_gradients)]
-                self._update_train_metrics(l_i, outputs, per_example)
+            gradients = self._accumulated_gradients(features, labels)
+        # Only variables with a gradient take part: the others are not updated at all.
+        pairs = [(g, v) for g, v in zip(gradients, self.model.trainable_variables)
+                 if g is not None]
+        gradients, variables = [g for g, _ in pairs], [v for _, v in pairs]
         if self.strategy.num_replicas_in_sync > 1:
             # Reduce before the finiteness check so every replica skips the same steps.
             gradients = tf.distribute.get_replica_context().all_reduce(
@@ -275,7 +452,32 @@ class Trainer:
         if self.config.clip_norm:
             # After unscaling: the norm is that of the true gradient, not of the scaled one.
             gradients, _ = tf.clip_by_global_norm(gradients, self.config.clip_norm)
-        return self.loss_scaler.apply_gradients(gradients, self.model.trainable_variables)
+        return self.loss_scaler.apply_gradients(gradients, variables)
+
+    def _accumulated_gradients(self, features, labels):
+        """Summed float32 gradients of ``grad_accum_steps`` micro-batches, one at a time.
+
+        Only one micro-batch's activations are alive at a time. None marks a variable without
+        a gradient, as in ``_gradients_fn``.
+        """
+        k = self.config.grad_accum_steps
+        micro_features = tf.nest.map_structure(lambda t: _split(t, k), features)
+        micro_labels = tf.nest.map_structure(lambda t: _split(t, k), labels)
+        variables = self.model.trainable_variables
+        sums = [tf.zeros(v.shape, v.dtype) for v in variables]
+        has_gradient: list = []  # Filled when the loop body is traced, before it is read below.
+        for i in tf.range(k):
+            sums = self._add_micro_batch(sums, micro_features, micro_labels, i, has_gradient)
+        assert len(has_gradient) == len(sums), "the accumulation loop was not traced"
+        return [s if used else None for s, used in zip(sums, has_gradient)]
+
+    def _add_micro_batch(self, sums, micro_features, micro_labels, i, has_gradient: list):
+        features = tf.nest.map_structure(lambda t: t[i], micro_features)
+        labels = tf.nest.map_structure(lambda t: t[i], micro_labels)
+        gradients, per_example, outputs = self._gradients(features, labels)
+        self._update_train_metrics(labels, outputs, per_example)
+        has_gradient[:] = [g is not None for g in gradients]
+        return [s if g is None else s + g for s, g in zip(sums, gradients)]
 
     def _update_train_metrics(self, labels, outputs, per_example):
         self.train_metrics["loss"].update_state(per_example)
@@ -286,7 +488,56 @@ class Trainer:
             self.strategy.run(self._replica_eval_step, args=(batch,))
 
     def _replica_eval_step(self, batch):
-        features, labels = batch
+        features, labels, weights = batch
         outputs = self._forward(features, training=False)
-        self.eval_metrics["loss"].update_state(self.compute_loss(labels, outputs))
-        self.update_metrics(self.eval_metrics, labels, outputs)
+        self.eval_metrics["loss"].update_state(self.compute_loss(labels, outputs),
+                                               sample_weight=weights)
+        self.update_metrics(self._weighted_metrics(weights), labels, outputs)
+
+    def _weighted_metrics(self, weights):
+        """Views of ``eval_metrics`` that weigh every update by this batch's example weights.
+
+        A view's ``update_state`` and call pass ``sample_weight=weights`` to the metric,
+        multiplied by any ``sample_weight`` the caller gave; everything else (``result``,
+        ``reset_state``, attributes) is the metric's own. So ``update_metrics`` overrides that
+        know nothing of padding mask it anyway, ``super().update_metrics`` calls included.
+        Fresh views per call: replicas trace in parallel threads, each with its own weights.
+        """
+        import inspect  # Only here: the module imports belong to other edits under way.
+
+        def weigh(metric, args, kwargs):
+            # Keras wraps update_state in a (*args, **kwargs) decorator: read the class's.
+            signature = inspect.signature(type(metric).update_state)
+            accepts = "sample_weight" in signature.parameters or any(
+                p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+            if not accepts:
+                raise TypeError(
+                    f"metric {metric.name!r}: update_state takes no sample_weight, so evaluation "
+                    "cannot leave out the padding of its last batch; accept "
+                    "`sample_weight=None` and weigh each example by it")
+            bound = signature.bind_partial(metric, *args, **kwargs)
+            given = bound.arguments.pop("sample_weight", None)
+            combined = weights
+            if given is not None:
+                given = tf.cast(given, weights.dtype)
+                rank = given.shape.rank or 0
+                combined = given * (weights if rank == 0 else
+                                    tf.reshape(weights, [-1] + [1] * (rank - 1)))
+            return bound.args[1:], dict(bound.kwargs, sample_weight=combined)
+
+        class WeightedMetric:
+            def __init__(self, metric):
+                self._metric = metric
+
+            def __getattr__(self, name):
+                return getattr(self._metric, name)
+
+            def update_state(self, *args, **kwargs):
+                args, kwargs = weigh(self._metric, args, kwargs)
+                return self._metric.update_state(*args, **kwargs)
+
+            def __call__(self, *args, **kwargs):
+                args, kwargs = weigh(self._metric, args, kwargs)
+                return self._metric(*args, **kwargs)
+
+        return {name: WeightedMetric(metric) for name, metric in self.eval_metrics.items()}
