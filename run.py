@@ -93,7 +93,9 @@ def main(argv):
         config = trainer.TrainConfig(**{name: FLAGS[name].value for name in CONFIG_FLAGS})
         return trainer.main(config)
     except trainer.UserError as error:
-        sys.exit(f"error: {error}")
+        from trainer.errors import exit_with
+
+        exit_with(error)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from trainer.config import TrainConfig  # noqa: E402
 # TensorFlow's C++ runtime logs a few lines (absl format, e.g. "I0000 00:00:..." or
 # "E0000 ...") straight to stderr before Python can silence it; they are not ours.
 _TF_NOISE = re.compile(
-    r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog"
+    r"^([IWEF]\d{4} \d\d:\d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] "
+    r"|WARNING: All log messages before absl::InitializeLog"
     r"|To enable the following instructions:)")
 
 

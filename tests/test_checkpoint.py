@@ -92,7 +92,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert int(fresh.global_step.numpy()) == 2
     for restored, expected in zip(fresh.model.weights, older_weights):
         np.testing.assert_array_equal(restored.numpy(), expected)
-    assert f"checkpoint {newest} cannot be restored" in capsys.readouterr().err
+    assert f"checkpoint {newest} cannot be read" in capsys.readouterr().err
 
 
 def test_all_checkpoints_damaged_is_a_clear_error_not_a_fresh_start(tmp_path):
@@ -119,12 +119,86 @@ def test_model_dir_of_another_run_is_refused_and_left_unchanged(tmp_path, change
     assert _folder_hashes(model_dir) == before
 
 
-def test_allow_policy_change_resumes_weights_across_policies(tmp_path):
+@pytest.mark.parametrize("first, then", [
+    ("mixed_bfloat16", "float32"),
+    ("float32", "mixed_bfloat16"),
+])
+def test_allow_policy_change_resumes_both_ways(tmp_path, capsys, first, then):
     model_dir = str(tmp_path / "run")
-    first = app.run(small_config(model_dir=model_dir, policy="mixed_bfloat16"))
-    second = app.run(small_config(model_dir=model_dir, policy="float32", epochs=2,
-                                  allow_policy_change=True))
-    assert second["global_step"] == 2 * first["global_step"]
+    done = app.run(small_config(model_dir=model_dir, policy=first))
+    weights = _restored_weights(model_dir, policy=first)
+    second = Trainer(small_config(model_dir=model_dir, policy=then, allow_policy_change=True))
+    ckpt = checkpoint.Checkpointer(second, model_dir=model_dir)
+    assert ckpt.restore_or_initialize().endswith(f"ckpt-{done['global_step']}")
+    for restored, expected in zip(second.model.weights, weights):
+        np.testing.assert_array_equal(restored.numpy(), expected)  # float32 variables both ways.
+    if then == "mixed_bfloat16":  # The float32 run had no loss scale: a fresh one, said so.
+        assert second.loss_scale == 2.0 ** 15
+        assert any("holds no loss-scale state" in note for note in ckpt.notes)
+    resumed = app.run(small_config(model_dir=model_dir, policy=then, epochs=2,
+                                   allow_policy_change=True, verbose=True))
+    assert resumed["global_step"] == 2 * done["global_step"]
+    assert f"at step {done['global_step']}" in capsys.readouterr().out
+
+
+def _restored_weights(model_dir, **overrides):
+    trainer = Trainer(small_config(**overrides))
+    checkpoint.Checkpointer(trainer, model_dir=model_dir).restore_or_initialize()
+    return [w.numpy().copy() for w in trainer.model.weights]
+
+
+@pytest.mark.parametrize("first, then, note", [
+    ("none", "dynamic", "starting a fresh dynamic scale"),
+    ("dynamic", "none", "left unused"),
+    ("dynamic", 64.0, "left unused"),
+])
+def test_loss_scale_mode_change_resumes_with_a_fresh_scale_state(tmp_path, capsys, first, then,
+                                                                 note):
+    model_dir = str(tmp_path / "run")
+    done = app.run(small_config(model_dir=model_dir, loss_scale=first))
+    resumed = app.run(small_config(model_dir=model_dir, loss_scale=then, epochs=2,
+                                   verbose=True))
+    assert resumed["global_step"] == 2 * done["global_step"]
+    out = capsys.readouterr().out
+    assert note in out and f"at step {done['global_step']}" in out
+    assert resumed["loss_scale"] == {"none": 1.0, "dynamic": 2.0 ** 15}.get(then, then)
+
+
+def test_mismatch_is_not_reported_as_damage(tmp_path, capsys):
+    """A readable checkpoint of other code (here: an extra variable) is refused as a mismatch,
+    and no older checkpoint is tried in its place."""
+    trainer, ckpt = _checkpointed_trainer(tmp_path)
+    trainer.train_steps(2)
+    ckpt.save()
+
+    class WithExtraState(Trainer):
+        def checkpoint_items(self):
+            return {**super().checkpoint_items(), "extra": tf.Variable(1.0, name="extra")}
+
+    other = WithExtraState(small_config())
+    with pytest.raises(checkpoint.CheckpointMismatch, match="does not fit this program.*not "
+                                                            "damaged"):
+        checkpoint.Checkpointer(other, model_dir=str(tmp_path)).restore_or_initialize()
+    assert "cannot be read" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", [{"seed": 8}, {"validation_split": 0.25},
+                                    {"synthetic_examples": 512}])
+def test_input_stream_changes_are_refused_on_resume(tmp_path, change):
+    model_dir = str(tmp_path / "run")
+    app.run(small_config(model_dir=model_dir))
+    with pytest.raises(UserError, match=f"its {next(iter(change))} is"):
+        app.run(small_config(model_dir=model_dir, **change))
+
+
+def test_data_files_identity_is_part_of_the_guard(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.gz").write_bytes(b"one")
+    before = checkpoint.data_fingerprint(str(folder))
+    (folder / "a.gz").write_bytes(b"two")  # Same size, other content.
+    assert checkpoint.data_fingerprint(str(folder)) != before
+    assert checkpoint.data_fingerprint("synthetic") == {}
 
 
 def test_best_checkpoint_is_kept_separately(tmp_path):

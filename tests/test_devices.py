@@ -1,9 +1,11 @@
-"""Device selection: CPU bf16 detection, and the HPU *wiring* exercised with a stand-in bridge.
+"""Device selection: CPU bf16 detection, the Gaudi driver check, and the HPU path.
 
-There is no Gaudi here: the ``test_hpu_wiring_*`` tests put a stand-in package named
-``habana_frameworks.tensorflow`` on ``sys.path`` and check that our code loads it, refuses
-fp16, and explains clearly when the bridge is missing or the TF version is wrong. They test
-our wiring, not HPU support.
+Habana's real bridge is tested in tests/test_hpu_bridge.py (the TF 2.15 lane): it imports,
+and with no Gaudi card here it gives the CPU fallback and the one-line errors. What it cannot
+show without a card is a *visible* HPU device: the ``test_visible_hpu_*`` tests put a stand-in
+package named ``habana_frameworks.tensorflow`` on ``sys.path``, with fake driver files and a
+fake HPU device, and check that our code loads it, names the card and refuses what Gaudi
+cannot run. They test our wiring, not HPU support.
 """
 
 import logging
@@ -23,21 +25,38 @@ STAND_IN = textwrap.dedent('''
 
     def load_habana_module():
         LOAD_CALLS.append(True)
-
-    def get_device_type():
-        return "GAUDI2"
 ''')
 
 
 def _forget_habana():
-    for name in [n for n in sys.modules if n == "habana_frameworks" or n.startswith("habana_frameworks.")]:
+    for name in [n for n in sys.modules
+                 if n == "habana_frameworks" or n.startswith("habana_frameworks.")]:
         del sys.modules[name]
 
 
 @pytest.fixture
-def stand_in(tmp_path, monkeypatch):
-    """Installs the stand-in bridge on sys.path, TF reporting 2.15.0, and a fake HPU device
-    that appears only once ``load_habana_module()`` ran; yields the imported stand-in."""
+def gaudi_files(tmp_path, monkeypatch):
+    """Points the driver check at fake files: ``gaudi_files(card_type, nodes)``."""
+    driver, dev = tmp_path / "sys" / "device_type", tmp_path / "dev"
+    driver.parent.mkdir()
+    dev.mkdir()
+    monkeypatch.setattr(devices, "HABANA_DRIVER_FILE", str(driver))
+    monkeypatch.setattr(devices, "HABANA_DEVICE_NODES", str(dev / "accel[0-9]*"))
+
+    def make(card_type="GAUDI2\n", nodes=("accel0",)):
+        if card_type is not None:
+            driver.write_text(card_type)
+        for node in nodes:
+            (dev / node).write_text("")
+        return str(driver)
+    return make
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch, gaudi_files):
+    """Installs the stand-in bridge on sys.path, TF reporting 2.15.0, a visible GAUDI2 card
+    and a fake HPU device that appears only once ``load_habana_module()`` ran; yields the
+    imported stand-in."""
     package = tmp_path / "habana_frameworks"
     (package / "tensorflow").mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -45,6 +64,7 @@ def stand_in(tmp_path, monkeypatch):
     _forget_habana()
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(tf, "__version__", "2.15.0")
+    gaudi_files()
     real_list = tf.config.list_physical_devices
 
     def list_physical_devices(device_type=None):
@@ -60,35 +80,86 @@ def stand_in(tmp_path, monkeypatch):
     _forget_habana()
 
 
-def test_hpu_wiring_loads_bridge_and_finds_device(stand_in):
+# ------------------------------------------------------------------ the Gaudi driver check
+
+def test_gaudi_card_found(gaudi_files):
+    gaudi_files("GAUDI2\nsecond line ignored\n", nodes=("accel0", "accel_controlD0"))
+    assert devices.gaudi_card() == ("GAUDI2", "")
+
+
+def test_gaudi_card_no_driver_file(gaudi_files):
+    path = gaudi_files(card_type=None)
+    card, problem = devices.gaudi_card()
+    assert card == "" and problem == f"cannot read {path}: No such file or directory"
+
+
+def test_gaudi_card_empty_driver_file(gaudi_files):
+    path = gaudi_files(card_type="\n")
+    assert devices.gaudi_card() == ("", f"{path} is empty")
+
+
+def test_gaudi_card_driver_without_device_node(gaudi_files):
+    gaudi_files("GAUDI\n", nodes=("accel_controlD0",))  # A control node is not a card.
+    card, problem = devices.gaudi_card()
+    assert card == ""
+    assert problem.startswith("the driver reports a GAUDI but no device node matches ")
+    assert "container" in problem
+
+
+# ------------------------------------------------------------------ a visible HPU (stand-in)
+
+def test_visible_hpu_loads_bridge_and_names_the_card(stand_in):
     info = devices.select_device("hpu", policy="mixed_bfloat16")
     assert stand_in.LOAD_CALLS == [True]
     assert (info.kind, info.name, info.fast_bf16) == ("hpu", "/device:HPU:0", True)
-    assert "GAUDI2" in info.description
+    assert info.description == "Intel GAUDI2 HPU (1 visible)"  # The driver's card type.
 
 
-def test_hpu_wiring_auto_prefers_hpu(stand_in):
+def test_visible_hpu_auto_prefers_it_without_a_note(stand_in, capsys):
     assert devices.habana_available()
     info = devices.select_device("auto", policy="float32")
     assert info.kind == "hpu" and stand_in.LOAD_CALLS == [True]
+    assert capsys.readouterr().err == ""
 
 
-def test_hpu_wiring_fp16_refused(stand_in):
+def test_visible_hpu_auto_fp16_refused_before_loading(stand_in):
     with pytest.raises(UserError, match="no float16") as info:
-        devices.select_device("hpu", policy="mixed_float16")
+        devices.select_device("auto", policy="mixed_float16")
     assert "--policy=mixed_bfloat16" in str(info.value)
     assert stand_in.LOAD_CALLS == []  # Refused before touching the bridge.
-    with pytest.raises(ConfigError, match="--device=hpu"):
-        TrainConfig(device="hpu", policy="mixed_float16")
 
 
-def test_hpu_wiring_no_hpu_device(stand_in, monkeypatch):
+def test_visible_hpu_bridge_loads_but_no_hpu_device(stand_in, monkeypatch):
     monkeypatch.setattr(stand_in, "load_habana_module", lambda: None)  # Loads, finds nothing.
     with pytest.raises(UserError, match="sees no HPU device"):
         devices.select_device("hpu", policy="mixed_bfloat16")
 
 
-def test_hpu_wiring_bridge_absent(monkeypatch):
+def test_visible_hpu_jit_compile_refused(stand_in):
+    info = devices.select_device("auto", policy="mixed_bfloat16")
+    with pytest.raises(UserError) as error:
+        devices.check_jit_compile(info, jit_compile=True)
+    message = str(error.value)
+    assert "XLA" in message and "Intel GAUDI2 HPU" in message and "drop --jit_compile" in message
+    devices.check_jit_compile(info, jit_compile=False)  # No XLA asked for: fine.
+
+
+# ------------------------------------------------------------------ no bridge, wrong TF
+
+def test_jit_compile_allowed_on_cpu_and_gpu():
+    for kind in ("cpu", "gpu"):
+        devices.check_jit_compile(devices.DeviceInfo(kind, "d", kind, False), jit_compile=True)
+
+
+def test_hpu_fp16_refused_before_the_bridge():
+    with pytest.raises(UserError, match="no float16") as info:
+        devices.select_device("hpu", policy="mixed_float16")
+    assert "--policy=mixed_bfloat16" in str(info.value)
+    with pytest.raises(ConfigError, match="--device=hpu"):
+        TrainConfig(device="hpu", policy="mixed_float16")
+
+
+def test_hpu_bridge_absent(monkeypatch):
     _forget_habana()
     monkeypatch.setitem(sys.modules, "habana_frameworks", None)  # Import now fails.
     monkeypatch.setattr(tf, "__version__", "2.15.0")
@@ -102,14 +173,25 @@ def test_hpu_wiring_bridge_absent(monkeypatch):
     assert "\n" not in message
 
 
-def test_hpu_wiring_unsupported_tf_version(stand_in, monkeypatch):
+def test_hpu_unsupported_tf_version(monkeypatch):
     monkeypatch.setattr(tf, "__version__", "2.21.0")
     with pytest.raises(UserError) as info:
         devices.select_device("hpu", policy="mixed_bfloat16")
     message = str(info.value)
     assert "TensorFlow 2.21.0 is installed" in message and "2.15.0" in message
-    assert "BUILD.md" in message
-    assert stand_in.LOAD_CALLS == []  # The real bridge would raise ImportError on import.
+    assert "BUILD.md" in message  # Refused before importing: the bridge raises ImportError.
+
+
+def test_auto_with_bridge_on_wrong_tf_notes_it_and_uses_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(devices, "habana_available", lambda: True)
+    monkeypatch.setattr(tf, "__version__", "2.21.0")
+    real_list = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: [] if kind == "GPU" else real_list(kind))
+    assert devices.select_device("auto", policy="float32").kind == "cpu"
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: Habana's bridge is installed but it needs TensorFlow 2.15.0 and this is "
+        "TensorFlow 2.21.0; training on the CPU (--device=cpu skips this check)"]
 
 
 def test_auto_without_bridge_or_gpu_is_cpu(monkeypatch):

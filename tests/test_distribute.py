@@ -383,6 +383,11 @@ def habana_stand_in(tmp_path, clean_env):
     for name in [n for n in sys.modules if n.startswith("habana_frameworks")]:
         clean_env.delitem(sys.modules, name)
     clean_env.syspath_prepend(str(tmp_path))
+    # A visible GAUDI2 card for the driver check that runs before the bridge loads.
+    (tmp_path / "device_type").write_text("GAUDI2\n")
+    (tmp_path / "accel0").write_text("")
+    clean_env.setattr(devices, "HABANA_DRIVER_FILE", str(tmp_path / "device_type"))
+    clean_env.setattr(devices, "HABANA_DEVICE_NODES", str(tmp_path / "accel[0-9]*"))
     clean_env.setattr(tf, "__version__", devices.HABANA_TF_VERSION)
     real = tf.config.list_physical_devices
 

@@ -173,6 +173,23 @@ def test_metric_without_sample_weight_is_refused():
         trainer.evaluate(trainer.datasets.test)
 
 
+class WeightCountingMetric(CountingMetric):
+    """Takes sample_weight through **kwargs only: it sums the weights it is given."""
+
+    def update_state(self, y_true, y_pred, **kwargs):
+        self.total.assign_add(tf.reduce_sum(kwargs["sample_weight"]))
+
+
+class KwargsMetricTrainer(UnweightableTrainer):
+    def build_metrics(self):
+        return {**super().build_metrics(), "count": WeightCountingMetric()}
+
+
+def test_metric_taking_kwargs_counts_only_real_examples():
+    trainer = KwargsMetricTrainer(_config(validation_split=0.0))
+    assert trainer.evaluate(trainer.datasets.test)["count"] == 100.0  # Not 4 x 32 = 128.
+
+
 TWO_REPLICAS = r"""
 import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]

@@ -271,9 +271,10 @@ def test_two_quick_signals_stop_the_workers_and_the_launcher_returns(
         # The workers die of the forwarded SIGTERM, or of the SIGKILL the second signal sends.
         assert launcher.proc.returncode in (128 + signal.SIGTERM, 128 + signal.SIGKILL), \
             launcher.text
-        name = signal.Signals(first).name
-        assert launcher.text.count(f"[launch] received {name}; stopping the workers") == 1, \
-            launcher.text
+        # Said once. Two different signals pending together are handled in signal-number
+        # order, so with TERM-INT either may come first.
+        assert len(re.findall(r"\[launch\] received SIG(TERM|INT); stopping the workers",
+                              launcher.text)) == 1, launcher.text
 
 
 def test_second_signal_while_the_output_is_blocked_does_not_deadlock(tmp_path, launchers):

@@ -158,18 +158,60 @@ def test_user_actions_run_on_their_schedule_through_app_run():
     assert seen == [3, 6, 9, 12, 15]
 
 
-def test_progress_bar_on_terminals_and_log_lines_otherwise(capsys):
+def test_progress_bar_draws_the_values_it_is_given(capsys):
     from trainer import reporting
 
-    assert reporting.progress_mode("auto") == "log"  # pytest's stdout is not a terminal.
-    assert reporting.progress_mode("bar") == "bar"
     trainer = Trainer(small_config())
     bar = reporting.ProgressBar(8, trainer.train_metrics)
     for step in (4, 8):
         trainer.train_steps(4)
-        bar.update(trainer, step)
+        bar.update(step, {**trainer.train_results(), "loss_scale": trainer.loss_scale})
     out = capsys.readouterr().out
     assert "8/8 [" in out and "loss:" in out and "loss_scale: 32768" in out
+
+
+def test_final_step_is_always_evaluated_and_considered_for_the_best(tmp_path):
+    # 14 steps in loops of 7, evaluated every 5: steps 5, 10 and then the final 14.
+    model_dir = str(tmp_path / "run")
+    summary = app.run(small_config(synthetic_examples=14 * 32 * 4 // 3, validation_split=0.25,
+                                   steps_per_loop=7, eval_every=5, model_dir=model_dir,
+                                   best_metric="loss"))
+    assert summary["global_step"] == 14
+    assert [h["step"] for h in summary["history"]] == [5, 10, 14]
+    losses = {h["step"]: h["val_loss"] for h in summary["history"]}
+    best = tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
+    assert int(best.rsplit("-", 1)[1]) == min(losses, key=losses.get)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest.endswith("ckpt-14")
+
+
+def test_best_metric_defaults_to_loss_without_accuracy_and_every_metric_is_reported(tmp_path):
+    from trainer.compat import keras
+
+    class Regression(Trainer):
+        """Predicts the label as a number: no accuracy, a custom 'mae' metric."""
+
+        def build_model(self):
+            inputs = keras.Input(self.datasets.input_shape)
+            x = keras.layers.Dense(1, dtype="float32")(keras.layers.Flatten()(inputs))
+            return keras.Model(inputs, keras.layers.Reshape((), dtype="float32")(x))
+
+        def compute_loss(self, labels, outputs):
+            return tf.square(tf.cast(labels, tf.float32) - outputs)
+
+        def build_metrics(self):
+            return {"mae": keras.metrics.MeanAbsoluteError(name="mae")}
+
+        def update_metrics(self, metrics, labels, outputs):
+            metrics["mae"].update_state(tf.cast(labels, tf.float32)[:, None], outputs[:, None])
+
+    # No --model_dir: no checkpoint, so best_metric is not even looked at.
+    summary = app.run(small_config(validation_split=0.25), trainer_cls=Regression)
+    assert {"test_loss", "test_mae", "val_loss", "val_mae"} <= set(summary)
+    assert "test_accuracy" not in summary
+    summary = app.run(small_config(validation_split=0.25, model_dir=str(tmp_path / "r")),
+                      trainer_cls=Regression)
+    assert os.path.exists(os.path.join(tmp_path, "r", "best", "checkpoint"))
 
 
 def test_scale_stuck_at_floor_warns(capsys):
@@ -191,9 +233,11 @@ def test_eval_every_interleaves_evaluation_and_keeps_the_best(tmp_path):
     assert best_step == min(losses, key=losses.get)
 
 
-def test_unknown_best_metric_is_refused_before_training():
+def test_unknown_best_metric_is_refused_before_training(tmp_path):
     from trainer.errors import UserError
 
+    model_dir = tmp_path / "run"
     with pytest.raises(UserError, match="unknown best_metric 'acc'; this model reports loss, "
                                         "accuracy"):
-        app.run(small_config(best_metric="acc"))
+        app.run(small_config(best_metric="acc", model_dir=str(model_dir)))
+    assert not (model_dir / "checkpoints").exists()  # Refused before anything was saved.

@@ -80,10 +80,117 @@ def test_dynamic_scale_grows_after_growth_steps():
     assert float(scaler.scale) == 2.0 ** 16 and int(scaler.good_steps) == 0
 
 
+def _keras_step(optimizer, gradients, variables):
+    # Keras' LossScaleOptimizer driven as in a custom loop: gradients of the scaled loss,
+    # unscaled, then its own apply_gradients (x and / by a power of two: exact).
+    optimizer.get_scaled_loss(tf.constant(0.0))
+    scaled = [g * optimizer.loss_scale for g in gradients]
+    optimizer.apply_gradients(zip(optimizer.get_unscaled_gradients(scaled), variables))
+
+
+def test_dynamic_scale_follows_keras_loss_scale_optimizer_step_by_step():
+    # Our single-check apply must move the scale, the good-step counter, the step counter
+    # and the weights exactly as Keras' own LossScaleOptimizer.apply_gradients does.
+    ours = _scaler("dynamic", growth_steps=3)
+    keras_lso = mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.1),
+                                                   dynamic_growth_steps=3)
+    ours_var, keras_var = tf.Variable([1.0, -2.0]), tf.Variable([1.0, -2.0])
+    ours.optimizer.build([ours_var])
+    keras_lso.build([keras_var])
+    apply_ours = tf.function(lambda g: ours.apply_gradients([g], [ours_var]))
+    apply_keras = tf.function(lambda g: _keras_step(keras_lso, [g], [keras_var]))
+    finite, inf, nan = [0.5, -0.25], [np.inf, 1.0], [1.0, np.nan]
+    # Growth after 3 good steps, halving on Inf and NaN, a skip resets the count, 17 skips
+    # in a row reach the floor of 1 and stay there, and growth starts again from the floor.
+    sequence = [finite] * 4 + [inf, finite, nan] + [finite] * 3 + [nan] * 17 + [finite] * 4
+    for i, gradient in enumerate(sequence):
+        gradient = tf.constant(gradient)
+        skipped = bool(apply_ours(gradient))
+        apply_keras(gradient)
+        assert skipped == (not np.all(np.isfinite(gradient.numpy()))), i
+        assert float(ours.scale) == float(keras_lso.loss_scale), i
+        assert int(ours.good_steps) == int(keras_lso.dynamic_counter), i
+        assert int(ours.optimizer.iterations) == int(keras_lso.iterations) == i + 1, i
+        np.testing.assert_array_equal(ours_var.numpy(), keras_var.numpy())
+    assert float(ours.scale) == 2.0  # The floor (1), then one growth.
+    # Doubling that would overflow float32 keeps the old scale, as in Keras.
+    for optimizer in (ours.optimizer, keras_lso):
+        optimizer._loss_scale.current_loss_scale.assign(2.0 ** 127)
+    for _ in range(2):  # The good-step counter stood at 1: the second step doubles.
+        apply_ours(tf.constant(finite))
+        apply_keras(tf.constant(finite))
+    assert float(ours.scale) == float(keras_lso.loss_scale) == 2.0 ** 127
+    assert int(ours.good_steps) == int(keras_lso.dynamic_counter) == 0
+
+
+def test_loss_scale_state_checkpoints_like_keras(tmp_path):
+    ours = _scaler("dynamic", growth_steps=4)
+    var = tf.Variable([1.0])
+    ours.optimizer.build([var])
+    for gradient in ([np.inf], [1.0], [1.0]):
+        ours.apply_gradients([tf.constant(gradient)], [var])
+    path = tf.train.Checkpoint(optimizer=ours.optimizer).save(str(tmp_path / "ckpt"))
+    # A plain Keras LossScaleOptimizer reads what ours wrote: the same variables.
+    keras_lso = mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.1),
+                                                   dynamic_growth_steps=4)
+    keras_lso.build([tf.Variable([0.0])])
+    tf.train.Checkpoint(optimizer=keras_lso).restore(path).assert_existing_objects_matched()
+    assert float(keras_lso.loss_scale) == 2.0 ** 14
+    assert int(keras_lso.dynamic_counter) == 2 and int(keras_lso.iterations) == 3
+
+
+@pytest.mark.parametrize("mode", ["none", 64.0, "dynamic"])
+def test_non_finite_update_is_never_applied(mode):
+    scaler = _scaler(mode)
+    var = tf.Variable([1.0, 2.0])
+    scaler.optimizer.build([var])
+    apply = tf.function(lambda g: scaler.apply_gradients([g], [var]))
+    for bad in ([np.inf, 1.0], [np.nan, 0.0], [-np.inf, 0.0]):
+        assert bool(apply(tf.constant(bad)))
+        np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+    assert int(scaler.optimizer.iterations) == 3  # Skipped steps still count.
+    assert not bool(apply(tf.constant([1.0, 1.0])))
+    np.testing.assert_allclose(var.numpy(), [0.9, 1.9])
+    expected_scale = {"none": 1.0, 64.0: 64.0, "dynamic": 2.0 ** 12}[mode]
+    assert float(scaler.scale) == expected_scale
+
+
+def _count_ops(concrete, op_type):
+    graph = concrete.graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return sum(node.op == op_type for node in nodes)
+
+
+@pytest.mark.parametrize("mode, extra", [("none", 0), (8.0, 0), ("dynamic", 1)])
+def test_one_finiteness_check_per_step(mode, extra):
+    # One IsFinite per gradient, once: Keras' wrapper would add a second check of its own.
+    # (The dynamic scale's one extra is Keras' rule that a doubling to Inf is not kept.)
+    scaler = _scaler(mode)
+    variables = [tf.Variable(tf.ones((3, 2))), tf.Variable(tf.ones(2)), tf.Variable(1.0)]
+    scaler.optimizer.build(variables)
+    step = tf.function(lambda grads: scaler.apply_gradients(grads, variables))
+    concrete = step.get_concrete_function([tf.TensorSpec(v.shape) for v in variables])
+    assert _count_ops(concrete, "IsFinite") == len(variables) + extra
+
+
+def test_variable_without_gradient_is_left_untouched():
+    # AdamW would move a variable given a zero gradient (weight decay); None must not.
+    scaler = LossScaler(keras.optimizers.AdamW(0.1, weight_decay=0.5), mode="dynamic")
+    used, unused = tf.Variable([1.0, 1.0]), tf.Variable([3.0, 3.0])
+    scaler.optimizer.build([used, unused])
+    for _ in range(2):
+        assert not bool(scaler.apply_gradients([tf.constant([1.0, -1.0]), None], [used, unused]))
+    np.testing.assert_array_equal(unused.numpy(), [3.0, 3.0])
+    assert np.all(used.numpy() != 1.0)
+
+
 def test_all_finite():
     assert bool(all_finite([tf.ones(3), None, tf.zeros((2, 2))]))
     assert not bool(all_finite([tf.ones(3), tf.constant([1.0, np.inf])]))
     assert not bool(all_finite([tf.constant(np.nan)]))
+    assert bool(all_finite([None]))  # Nothing to check: nothing is non-finite.
+    sparse = tf.IndexedSlices(tf.constant([[1.0, np.inf]]), tf.constant([0]), tf.constant([4, 2]))
+    assert not bool(all_finite([sparse]))
 
 
 # ------------------------------------------------------------------ through the Trainer
@@ -108,6 +215,21 @@ def test_trainer_loss_scale_defaults(policy, loss_scale, wrapped, scale):
     trainer = Trainer(small_config(policy=policy, loss_scale=loss_scale))
     assert isinstance(trainer.optimizer, mixed_precision.LossScaleOptimizer) == wrapped
     assert trainer.loss_scale == scale
+
+
+@pytest.mark.parametrize("loss_scale, extra", [("none", 0), ("dynamic", 1)])
+def test_trainer_step_checks_once_and_keeps_the_fused_update(loss_scale, extra):
+    trainer = Trainer(small_config(policy="mixed_bfloat16", loss_scale=loss_scale))
+    trainer.train_steps(1)
+    concrete = trainer._train_loop.get_concrete_function(
+        trainer.train_iterator, tf.constant(1), tf.constant(1, tf.int64))
+    assert trainer._train_loop.experimental_get_tracing_count() == 1  # That same trace.
+    n = len(trainer.model.trainable_variables)
+    assert _count_ops(concrete, "IsFinite") == n + extra  # One check of the whole step.
+    # optimizers.fuse_updates: each variable's update is an XLA-compiled function.
+    library = concrete.graph.as_graph_def().library.function
+    fused = [f for f in library if "update_step_xla" in f.signature.name]
+    assert len(fused) == n and all(f.attr["_XlaMustCompile"].b for f in fused)
 
 
 def test_trainer_scaled_loss_matches_current_scale():

@@ -74,6 +74,8 @@ def test_check_output_dtypes_names_layer_and_fix():
     message = str(info.value)
     assert "'bad_softmax'" in message and "bfloat16" in message
     assert "dtype='float32'" in message and "--auto_cast_outputs" in message
+    # The keras.applications case: their softmax is built in; take logits and add one.
+    assert "classifier_activation=None" in message and "\n" not in message
     # Opting in, or a float32 policy, passes.
     precision.check_output_dtypes(model, outputs, policy="mixed_bfloat16", auto_cast=True)
     precision.check_output_dtypes(model, outputs, policy="float32", auto_cast=False)
@@ -84,7 +86,7 @@ def test_trainer_refuses_bf16_output_model():
         Bf16OutputTrainer(small_config(policy="mixed_bfloat16"))
 
 
-def test_trainer_auto_casts_outputs_when_asked():
+def test_trainer_auto_casts_outputs_when_asked(capsys):
     trainer = Bf16OutputTrainer(small_config(policy="mixed_bfloat16", auto_cast_outputs=True))
     assert trainer._forward(tf.zeros((3, 28, 28, 1)), training=False).dtype == tf.float32
     before = trainer.weights_checksum()
@@ -93,6 +95,19 @@ def test_trainer_auto_casts_outputs_when_asked():
     assert trainer.weights_checksum() != before
     results = trainer.evaluate(trainer.datasets.test)
     assert np.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
+    # One warning for the whole run (not one per trace or step), naming the cast layer.
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --auto_cast_outputs: casting the 16-bit output of model 'bf16_out' layer(s) "
+        "'bad_softmax' (bfloat16) to float32 under policy mixed_bfloat16; a softmax computed in "
+        "16 bits stays imprecise after the cast: give that layer dtype='float32' instead"]
+
+
+def test_auto_cast_is_silent_when_outputs_are_float32(capsys):
+    trainer = Trainer(small_config(policy="mixed_bfloat16", auto_cast_outputs=True))
+    trainer.train_steps(1)
+    assert "warning:" not in capsys.readouterr().err
 
 
 def test_cast_outputs_leaves_integers_alone():

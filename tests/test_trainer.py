@@ -1,11 +1,14 @@
 """The Trainer's numbers: bf16 vs float32 gradients, skipped steps, step loops, learning."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from conftest import small_config
-from trainer import app
-from trainer.compat import tf
+from trainer import app, loop, precision
+from trainer.compat import keras, tf
+from trainer.errors import UserError
 from trainer.trainer import Trainer
 
 
@@ -13,41 +16,51 @@ def _weights(trainer):
     return [w.numpy() for w in trainer.model.weights]
 
 
-def _unscaled_gradients(trainer, features, labels):
-    # The same sequence as the Trainer's step: scale inside the tape, unscale after it.
-    variables = trainer.model.trainable_variables
+def _reference_gradients(model, features, labels):
+    """Float32 gradients of the mean cross-entropy, by a plain tape: no Trainer code involved."""
     with tf.GradientTape() as tape:
-        outputs = trainer._forward(features, training=True)
-        loss = tf.reduce_mean(trainer.compute_loss(labels, outputs))
-        scaled = trainer.loss_scaler.scale_loss(loss)
-    scaled_grads = tape.gradient(scaled, variables)
-    return scaled_grads, trainer.loss_scaler.unscale_gradients(scaled_grads)
+        probs = model(features, training=True)
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
+    return tape.gradient(loss, model.trainable_variables)
 
 
-def test_bf16_unscaled_gradients_match_float32():
-    f32 = Trainer(small_config(policy="float32", model_args={"units": 64}))
-    bf16 = Trainer(small_config(policy="mixed_bfloat16", model_args={"units": 64}))
+def _step_gradients(trainer, lr):
+    """The gradient the Trainer's own step applied: one real SGD step, w1 = w0 - lr * grad."""
+    before = [v.numpy() for v in trainer.model.trainable_variables]
+    trainer.train_steps(1)
+    return [(b - v.numpy()) / lr for b, v in zip(before, trainer.model.trainable_variables)]
+
+
+def test_bf16_step_gradients_match_float32():
+    lr = 1.0
+    common = dict(model_args={"units": 64}, optimizer="sgd", learning_rate=lr)
+    f32 = Trainer(small_config(policy="float32", **common))
+    bf16 = Trainer(small_config(policy="mixed_bfloat16", **common))
+    assert bf16.loss_scale == 2.0 ** 15  # The bf16 step scales its loss and unscales after.
     # Same seed, same initial (float32) weights under both policies.
     for a, b in zip(_weights(f32), _weights(bf16)):
         np.testing.assert_array_equal(a, b)
-    features, labels = next(iter(f32.datasets.test))
-    _, reference = _unscaled_gradients(f32, features, labels)
-    scaled, unscaled = _unscaled_gradients(bf16, features, labels)
-    assert bf16.loss_scale == 2.0 ** 15
-    for var, ref, got, big in zip(f32.model.trainable_variables, reference, unscaled, scaled):
-        assert got.dtype == tf.float32, var.name
-        ref, got = ref.numpy(), got.numpy()
+    # The independent reference: a float32 copy of the model, the batch the first step reads.
+    with precision.policy_scope("float32"):
+        reference_model = keras.models.clone_model(f32.model)
+    reference_model.set_weights(f32.model.get_weights())
+    features, labels = next(iter(f32.datasets.train))
+    reference = [g.numpy() for g in _reference_gradients(reference_model, features, labels)]
+    got_f32, got_bf16 = _step_gradients(f32, lr), _step_gradients(bf16, lr)
+    assert bf16.loss_scale == 2.0 ** 15 and int(bf16.skipped_steps.numpy()) == 0
+    for var, ref, a, b in zip(f32.model.trainable_variables, reference, got_f32, got_bf16):
         norm = np.linalg.norm(ref)
         assert norm > 0, var.name
+        # float32: the same math up to rounding (and w - lr*g rounds at |w| * 6e-8).
+        assert np.linalg.norm(a - ref) / norm < 1e-4, var.name
         # bf16 keeps 8 mantissa bits (eps 2**-8 = 0.4%); through three bf16 matmuls and
-        # their backward passes the gradients measured here differ by about 0.5% (logits
-        # layer) to 6% (first layer) in norm, with cosine similarity >= 0.998. A missing
-        # unscale would be 32768x off, a wrong dtype path far less aligned.
-        assert np.linalg.norm(got - ref) / norm < 0.12, var.name
-        assert np.dot(got.ravel(), ref.ravel()) / (norm * np.linalg.norm(got)) > 0.995, var.name
-        assert np.linalg.norm(big.numpy()) / norm == pytest.approx(2.0 ** 15, rel=0.05)
-    # And bf16 really computed in bf16: the gradients are not bit-identical to float32.
-    assert any(not np.array_equal(r.numpy(), u.numpy()) for r, u in zip(reference, unscaled))
+        # their backward passes the gradients differ by about 0.5% (logits layer) to 6%
+        # (first layer) in norm, cosine similarity >= 0.998. A missing unscale would be
+        # 32768x off, a missing division by the batch 32x, a wrong dtype path less aligned.
+        assert np.linalg.norm(b - ref) / norm < 0.12, var.name
+        assert np.dot(b.ravel(), ref.ravel()) / (norm * np.linalg.norm(b)) > 0.995, var.name
+    # And bf16 really computed in bf16: its gradients are not float32's.
+    assert any(not np.allclose(a, b, rtol=1e-4, atol=0) for a, b in zip(got_f32, got_bf16))
 
 
 class PoisonedTrainer(Trainer):
@@ -61,21 +74,28 @@ class PoisonedTrainer(Trainer):
         return loss * tf.cast(poison, loss.dtype)
 
 
-def test_non_finite_step_is_skipped():
-    trainer = PoisonedTrainer(small_config(policy="mixed_bfloat16"))
+@pytest.mark.parametrize("policy, loss_scale", [
+    ("mixed_bfloat16", "dynamic"), ("float32", "none"), ("float32", "64"),
+    ("mixed_bfloat16", "none")])
+def test_non_finite_step_is_skipped(policy, loss_scale):
+    trainer = PoisonedTrainer(small_config(policy=policy, loss_scale=loss_scale))
     trainer.train_steps(2)
     before = _weights(trainer)
     scale = trainer.loss_scale
-    assert int(trainer.skipped_steps.numpy()) == 0 and scale == 2.0 ** 15
+    assert int(trainer.skipped_steps.numpy()) == 0
     trainer.train_steps(1)  # Step 2: gradients are Inf/NaN.
     for a, b in zip(before, _weights(trainer)):
         np.testing.assert_array_equal(a, b)
-    assert trainer.loss_scale == scale / 2
+    # Only a dynamic scale reacts; a fixed one (or none) stays, and the step is skipped anyway.
+    assert trainer.loss_scale == (scale / 2 if loss_scale == "dynamic" else scale)
     assert int(trainer.skipped_steps.numpy()) == 1
+    assert int(trainer.consecutive_skips.numpy()) == 1
     assert int(trainer.global_step.numpy()) == 3  # A skipped step still counts as a step.
     trainer.train_steps(1)  # Step 3 is finite again and updates the weights.
     assert any(not np.array_equal(a, b) for a, b in zip(before, _weights(trainer)))
-    assert int(trainer.skipped_steps.numpy()) == 1 and trainer.loss_scale == scale / 2
+    assert int(trainer.skipped_steps.numpy()) == 1
+    assert int(trainer.consecutive_skips.numpy()) == 0
+    assert trainer.weights_finite()
 
 
 def test_nan_batch_is_skipped_inside_a_step_loop():
@@ -126,11 +146,12 @@ def test_evaluate_is_compiled_once_and_matches_eager():
     assert trainer._eval_loop.experimental_get_tracing_count() == 1
     # Eager reference over the same test split.
     losses, correct, count = [], 0, 0
-    for features, labels in trainer.datasets.test:
+    for features, labels, weights in trainer.datasets.test:
+        real = weights.numpy() > 0  # Padding of the last batch weighs 0.
         probs = trainer.model(features, training=False)
-        losses.append(trainer.compute_loss(labels, probs).numpy())
-        correct += int(np.sum(np.argmax(probs.numpy(), axis=1) == labels.numpy()))
-        count += len(labels)
+        losses.append(trainer.compute_loss(labels, probs).numpy()[real])
+        correct += int(np.sum((np.argmax(probs.numpy(), axis=1) == labels.numpy())[real]))
+        count += int(real.sum())
     assert first["loss"] == pytest.approx(float(np.mean(np.concatenate(losses))), rel=1e-5)
     assert first["accuracy"] == pytest.approx(correct / count, abs=1e-6)
 
@@ -164,3 +185,133 @@ def test_short_run_lowers_the_loss(policy):
     assert summary["global_step"] == 3 * (768 // 32)
     assert summary["skipped_steps"] == 0
     assert summary["test_accuracy"] > 0.8  # 10 balanced classes: chance is about 0.1.
+
+
+class DivergingTrainer(Trainer):
+    """Every step's loss, and so every gradient, is Inf or NaN."""
+
+    def compute_loss(self, labels, outputs):
+        return super().compute_loss(labels, outputs) * float("inf")
+
+
+@pytest.mark.parametrize("policy, loss_scale, limit, stop_step", [
+    ("mixed_bfloat16", "dynamic", 5, 5),
+    ("float32", "none", 7, 7),
+    ("float32", "64", 3, 3),
+    # No limit: the dynamic scale halves from 2**15 to its floor (1) in 15 skipped steps.
+    ("mixed_bfloat16", "dynamic", 0, 15),
+])
+def test_storm_stops_at_the_exact_step(tmp_path, policy, loss_scale, limit, stop_step):
+    trainer = DivergingTrainer(small_config(policy=policy, loss_scale=loss_scale,
+                                            max_consecutive_skips=limit,
+                                            model_dir=str(tmp_path)))
+    before = _weights(trainer)
+    trainer.train_steps(40)  # One compiled loop of up to 40 steps: it ends at the storm.
+    assert int(trainer.global_step.numpy()) == stop_step
+    assert int(trainer.consecutive_skips.numpy()) == int(trainer.skipped_steps.numpy()) == stop_step
+    for a, b in zip(before, _weights(trainer)):
+        np.testing.assert_array_equal(a, b)  # No non-finite update was applied.
+    trainer.train_steps(10)  # Still in the storm: not one more step.
+    assert int(trainer.global_step.numpy()) == stop_step
+    with pytest.raises(loop.TrainingStopped) as info:
+        loop.check_non_finite(trainer, limit)
+    message = str(info.value)
+    assert message.startswith(f"training stopped at step {stop_step}: ")
+    assert "\n" not in message and "no checkpoint was saved" in message
+    assert ("--max_consecutive_skips=" in message) == bool(limit)
+    assert ("floor (1)" in message) == (not limit)
+    with pytest.raises(loop.TrainingStopped,
+                       match=f"the last good checkpoint in {tmp_path} is kept"):
+        loop.check_non_finite(trainer, limit, has_checkpoint=True)
+
+
+def test_no_storm_no_stop():
+    trainer = PoisonedTrainer(small_config(policy="float32", max_consecutive_skips=2))
+    trainer.train_steps(5)  # One skipped step (2) does not reach the limit of 2.
+    assert int(trainer.global_step.numpy()) == 5
+    loop.check_non_finite(trainer, 2)
+    # The limit applies to the step loop as given: with 1, the loop ends right after step 2.
+    fresh = PoisonedTrainer(small_config(policy="float32"))
+    fresh.train_steps(5, max_consecutive_skips=1)
+    assert int(fresh.global_step.numpy()) == 3
+
+
+def test_weights_finite():
+    trainer = Trainer(small_config())
+    assert trainer.weights_finite()
+    kernel = trainer.model.trainable_variables[0]
+    kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [np.nan]))
+    assert not trainer.weights_finite()
+
+
+class PixelLossTrainer(Trainer):
+    """The mistake: a loss per pixel ([B, 28, 28]) instead of per example."""
+
+    def compute_loss(self, labels, outputs):
+        per_example = super().compute_loss(labels, outputs)
+        return tf.tile(per_example[:, None, None], [1, 28, 28])
+
+
+class MeanLossTrainer(Trainer):
+    """The other mistake: the batch mean (a scalar) instead of one value per example."""
+
+    def compute_loss(self, labels, outputs):
+        return tf.reduce_mean(super().compute_loss(labels, outputs))
+
+
+@pytest.mark.parametrize("cls, accum, shape, expected", [
+    (PixelLossTrainer, 1, "[32, 28, 28]", "shape [32] (this replica's batch)"),
+    (PixelLossTrainer, 4, "[8, 28, 28]", "shape [8] (this replica's micro-batch)"),
+    (MeanLossTrainer, 1, "[]", "shape [32] (this replica's batch)"),
+])
+def test_compute_loss_must_return_one_value_per_example(cls, accum, shape, expected):
+    trainer = cls(small_config(grad_accum_steps=accum))
+    with pytest.raises(UserError) as info:
+        trainer.train_steps(1)
+    message = str(info.value)
+    assert message.startswith(f"{cls.__name__}.compute_loss returned shape {shape}; it must "
+                              f"return one loss per example, {expected}")
+    assert "\n" not in message  # One line, not AutoGraph's 'in user code:' stack.
+    assert int(trainer.global_step.numpy()) == 0
+
+
+def _one_hot(features, labels):
+    return features, tf.one_hot(labels, 10)
+
+
+class OneHotTrainTrainer(Trainer):
+    """Maps `train` to one-hot targets but forgets `train_from`, which the Trainer reads."""
+
+    def build_datasets(self):
+        base = super().build_datasets()
+        return dataclasses.replace(base, train=base.train.map(_one_hot))
+
+
+class OneHotTrainer(Trainer):
+    """The same change made to both: accepted."""
+
+    def build_datasets(self):
+        base = super().build_datasets()
+        return dataclasses.replace(base, train=base.train.map(_one_hot),
+                                   train_from=lambda n: base.train_from(n).map(_one_hot))
+
+    def compute_loss(self, labels, outputs):
+        return keras.losses.categorical_crossentropy(labels, outputs)
+
+    def update_metrics(self, metrics, labels, outputs):
+        pass
+
+
+def test_train_and_train_from_must_agree():
+    with pytest.raises(UserError) as info:
+        OneHotTrainTrainer(small_config())
+    message = str(info.value)
+    assert message.startswith(
+        "OneHotTrainTrainer.build_datasets returned a `train` that yields "
+        "(float32[32,28,28,1], float32[32,10]) but a `train_from` that yields "
+        "(float32[32,28,28,1], int32[32]); ")
+    assert "train_from=None" in message and "\n" not in message
+    trainer = OneHotTrainer(small_config())
+    assert next(trainer.train_iterator)[1].shape == (32, 10)  # What it trains on.
+    trainer.train_steps(2)
+    assert int(trainer.global_step.numpy()) == 2 and trainer.weights_finite()

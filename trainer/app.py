@@ -57,6 +57,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
         reporting.check_output_dir(config.model_dir, flag="--model_dir")
     distribute.prepare(config)  # TF_CONFIG and the Gaudi card: before TensorFlow starts.
     device = devices.select_device(config.device, policy=config.policy)
+    devices.check_jit_compile(device, config.jit_compile)  # 'auto' may have picked Gaudi.
     cluster = distribute.setup(config, device)
     steps = Lockstep.of(cluster)
     trainer = trainer_cls(config, strategy=cluster.strategy)

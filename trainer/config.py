@@ -210,6 +210,11 @@ class TrainConfig:
         if reason:
             raise ConfigError(f"policy {self.policy!r} cannot run on --device={self.device}: "
                               f"{reason}")
+        if self.jit_compile and self.device == "hpu":
+            raise ConfigError(
+                "jit_compile compiles the forward and backward pass with XLA, which Gaudi does "
+                "not have (Habana's bridge compiles graphs for the HPU itself); drop "
+                "--jit_compile, or use it with --device=cpu or --device=gpu (--jit_compile)")
 
     @property
     def resolved_loss_scale(self) -> Union[str, float]:

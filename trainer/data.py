@@ -200,7 +200,7 @@ def check_arrays(arrays: Arrays) -> Arrays:
     Each split has as many labels as images and at least one example, images are uint8 or
     floating point with the same shape in both splits, and every label is in
     ``[0, num_classes)``. A bad test label would otherwise surface only after the whole
-    training run (as a traceback from the loss); a label past the last class trains silently.
+    training run, as a traceback from the loss (or a NaN loss on a GPU).
 
     Raises:
       UserError: one line naming the file (or array) and the first bad index.
@@ -217,8 +217,9 @@ def check_arrays(arrays: Arrays) -> Arrays:
         x_name, y_name = name(f"x_{split}"), name(f"y_{split}")
         if len(x) != len(y):
             raise UserError(
-                f"{x_name} holds {len(x)} images but {y_name} holds {len(y)} labels; the files "
-                "are from different datasets or corrupt")
+                f"{x_name} holds {len(x)} images but {y_name} holds {len(y)} labels; " +
+                ("the files are from different datasets or corrupt" if files else
+                 "give one label per image"))
         if not len(x):
             raise UserError(f"{x_name} holds no examples; {fix}")
         if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):

@@ -154,6 +154,9 @@ def setup(config, device) -> Cluster:
     if os.environ.get("TF_CONFIG"):
         tf_config = worker_env.read_tf_config(os.environ["TF_CONFIG"])
         worker_env.check_port_free(worker_env.own_address(tf_config))
+    from trainer import lockstep  # Deferred like the other TF-side imports here.
+
+    lockstep.fault_point("setup")
     strategy = _collective_strategy(kind)
     _check_batch(config.batch_size, strategy.num_replicas_in_sync)
     resolver = strategy.cluster_resolver

@@ -1,5 +1,9 @@
 """Errors a user can fix: the entry point prints them as one line and exits non-zero."""
 
+import os
+import sys
+from typing import NoReturn
+
 
 class UserError(Exception):
     """A mistake in the user's input (flags, files, environment) with a clear fix.
@@ -11,3 +15,17 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration value; the message names the argument and the value."""
+
+
+def exit_with(error: Exception) -> "NoReturn":
+    """Prints ``error: <message>`` as the last line of the process's output and exits 1.
+
+    ``os._exit`` skips TensorFlow's teardown: in a multi-worker job whose peer died, its gRPC
+    threads would otherwise print pages of C++ log lines after ours, or hang on shutdown.
+    """
+    sys.stdout.flush()
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os._exit(1)

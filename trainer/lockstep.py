@@ -25,6 +25,8 @@ that ran different collectives since the last vote fail with one clear line inst
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 import threading
 import zlib
@@ -36,8 +38,8 @@ from trainer.errors import UserError
 _DIGEST_MOD = 1 << 20
 
 
-class LockstepError(RuntimeError):
-    """The code broke the lockstep rule (a programming error, not a user mistake)."""
+class LockstepError(UserError):
+    """The code broke the lockstep rule (ours, or a subclass's or action's): one clear line."""
 
 
 class _Sequence(threading.local):
@@ -64,6 +66,27 @@ def collective(name: str) -> None:
             "same order; take it out of the chief-only block and pass its value in")
     _SEQUENCE.count += 1
     _SEQUENCE.digest = (_SEQUENCE.digest * 31 + zlib.crc32(name.encode())) % _DIGEST_MOD
+    fault_point(name)
+
+
+# Fault injection for the multi-worker fault tests: TRAINER_FAULT_AT="w<rank>:<name>:<n>"
+# kills worker <rank> with SIGKILL right before its n-th operation <name> (a collective name
+# above, or "setup": before joining the cluster). Read once; unset, it costs one dict lookup.
+_FAULT = os.environ.get("TRAINER_FAULT_AT", "")
+_FAULT_SEEN: Dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Dies here when TRAINER_FAULT_AT names this worker, ``name`` and occurrence."""
+    if not _FAULT:
+        return
+    _FAULT_SEEN[name] = count = _FAULT_SEEN.get(name, 0) + 1
+    worker, _, rest = _FAULT.partition(":")
+    target, _, nth = rest.rpartition(":")
+    rank = os.environ.get("TRAINER_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    if worker == f"w{rank}" and target == name and str(count) == nth:
+        print(f"[fault] worker {rank} killed at {name} #{count}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_metrics(metrics: Mapping[str, object], *, name: str) -> Dict[str, float]:

@@ -8,6 +8,7 @@ caching, the distribution strategy and loss scaling, so a subclass cannot get th
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Optional
 
 from trainer import data, lockstep, optimizers, precision, registry
@@ -322,6 +323,7 @@ class Trainer:
         ``loop.check_non_finite`` why it stopped. The counts go in as tensors, so new values
         do not retrace.
         """
+        lockstep.collective("train steps")  # Each step all-reduces its gradients.
         limit = self.config.max_consecutive_skips if max_consecutive_skips is None \
             else max_consecutive_skips
         self._train_loop(self.train_iterator, tf.constant(num_steps, tf.int32),
@@ -337,6 +339,7 @@ class Trainer:
         never meets a new shape. The loss and every metric weigh each example by its weight,
         so padding never counts: the result is that of the real examples alone.
         """
+        lockstep.collective("evaluate")  # Batches are all-reduced: every worker evaluates.
         for metric in self.eval_metrics.values():
             metric.reset_state()
         full = data.full_batches(dataset, self.config.batch_size)
@@ -345,7 +348,7 @@ class Trainer:
         # evaluating a fresh dataset every epoch keeps nothing alive.
         self._eval_loop(self._distribute(dataset) if full is dataset
                         else self.strategy.experimental_distribute_dataset(full))
-        return {name: float(m.result()) for name, m in self.eval_metrics.items()}
+        return lockstep.read_metrics(self.eval_metrics, name="eval metrics")
 
     def train_results(self, reset: bool = False) -> Dict[str, float]:
         """Training loss and metrics accumulated since the last reset."""
@@ -490,8 +493,9 @@ class Trainer:
     def _replica_eval_step(self, batch):
         features, labels, weights = batch
         outputs = self._forward(features, training=False)
-        self.eval_metrics["loss"].update_state(self.compute_loss(labels, outputs),
-                                               sample_weight=weights)
+        per_example = self.compute_loss(labels, outputs)
+        self._check_loss_shape(per_example, labels, features)  # Evaluation may come first.
+        self.eval_metrics["loss"].update_state(per_example, sample_weight=weights)
         self.update_metrics(self._weighted_metrics(weights), labels, outputs)
 
     def _weighted_metrics(self, weights):
@@ -515,15 +519,20 @@ class Trainer:
                     f"metric {metric.name!r}: update_state takes no sample_weight, so evaluation "
                     "cannot leave out the padding of its last batch; accept "
                     "`sample_weight=None` and weigh each example by it")
-            bound = signature.bind_partial(metric, *args, **kwargs)
-            given = bound.arguments.pop("sample_weight", None)
+            if "sample_weight" in signature.parameters:  # Possibly passed by position.
+                bound = signature.bind_partial(metric, *args, **kwargs)
+                given = bound.arguments.pop("sample_weight", None)
+                args, kwargs = bound.args[1:], bound.kwargs
+            else:  # Taken by **kwargs.
+                kwargs = dict(kwargs)
+                given = kwargs.pop("sample_weight", None)
             combined = weights
             if given is not None:
                 given = tf.cast(given, weights.dtype)
                 rank = given.shape.rank or 0
                 combined = given * (weights if rank == 0 else
                                     tf.reshape(weights, [-1] + [1] * (rank - 1)))
-            return bound.args[1:], dict(bound.kwargs, sample_weight=combined)
+            return args, dict(kwargs, sample_weight=combined)
 
         class WeightedMetric:
             def __init__(self, metric):
