@@ -98,5 +98,13 @@ def main(argv):
         exit_with(error)
 
 
+def _parse_flags(argv):
+    """absl's parser, with a bad flag value reported as one ``error:`` line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"error: {error}; see --helpfull for the flags")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -397,3 +397,16 @@ def test_full_batches_pads_any_batching():
     assert data.full_batches(full, 8) is full
     with pytest.raises(ValueError, match=r"\(features, labels\) or"):
         data.full_batches(tf.data.Dataset.from_tensor_slices({"x": x}).batch(8), 8)
+
+
+def test_map_train_changes_train_and_train_from_alike():
+    from trainer import data as data_module
+
+    arrays = data_module.load_arrays("synthetic", seed=1, synthetic_examples=64)
+    base = data_module.make_datasets(arrays, batch_size=8, validation_split=0.0, seed=1)
+    mapped = base.map_train(lambda x, y: (x, 9 - y))
+    _, y_base = next(iter(base.train_from(16)))
+    _, y_from = next(iter(mapped.train_from(16)))
+    _, y_train = next(iter(mapped.train.skip(2)))
+    np.testing.assert_array_equal(y_from.numpy(), 9 - y_base.numpy())
+    np.testing.assert_array_equal(y_train.numpy(), y_from.numpy())

@@ -199,3 +199,34 @@ def test_write_metrics_on_a_full_disk_keeps_the_old_file(tmpfs, capsys):
 def test_unusable_path_creates_nothing(tmp_path):
     refusal(reporting.check_output_dir, str(tmp_path / "x" / "a\0b"), "--model_dir")
     assert os.listdir(tmp_path) == []
+
+
+ENTRIES = ("run.json", "checkpoints", "best", "train", "validation")
+
+
+def test_metrics_file_naming_the_model_dir_refused_before_training(tmp_path):
+    # Checked in the other order, both pass, and the write fails only after training.
+    same = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--metrics_file .* is a folder; pass a file path"):
+        reporting.check_outputs(metrics_file=same, model_dir=same, model_dir_entries=ENTRIES)
+
+
+@pytest.mark.parametrize("inside", ["run.json", "checkpoints/m.json", "./best"])
+def test_metrics_file_over_a_model_dir_entry_refused(tmp_path, inside):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "run.json").write_text('{"policy": "float32"}\n')
+    with pytest.raises(UserError) as info:
+        reporting.check_outputs(metrics_file=str(model_dir / inside), model_dir=str(model_dir),
+                                model_dir_entries=ENTRIES)
+    assert "which the run keeps in --model_dir" in str(info.value)
+    assert (model_dir / "run.json").read_text() == '{"policy": "float32"}\n'
+    assert os.listdir(model_dir) == ["run.json"]  # Nothing made for the refused file.
+
+
+def test_metrics_file_beside_the_run_in_model_dir_accepted(tmp_path):
+    model_dir = tmp_path / "new" / "run"
+    reporting.check_outputs(metrics_file=str(model_dir / "metrics.json"),
+                            model_dir=str(model_dir), model_dir_entries=ENTRIES)
+    assert model_dir.is_dir() and os.listdir(model_dir) == []
+    reporting.check_outputs(metrics_file=None, model_dir=None)  # Neither flag: nothing to do.

@@ -7,7 +7,6 @@ from typing import Sequence, Type
 
 from trainer import checkpoint, devices, distribute, loop, registry, reporting
 from trainer.actions import PeriodicAction
-from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.lockstep import Lockstep, check_restored_steps
@@ -51,10 +50,9 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     """
     if trainer_cls is Trainer:
         registry.check_model_args(config.model, config.model_args)
-    if config.metrics_file:
-        reporting.check_output_file(config.metrics_file, flag="--metrics_file")
-    if config.model_dir:
-        reporting.check_output_dir(config.model_dir, flag="--model_dir")
+    reporting.check_outputs(
+        metrics_file=config.metrics_file, model_dir=config.model_dir,
+        model_dir_entries=(checkpoint.RUN_FILE, "checkpoints", "best", "train", "validation"))
     distribute.prepare(config)  # TF_CONFIG and the Gaudi card: before TensorFlow starts.
     device = devices.select_device(config.device, policy=config.policy)
     devices.check_jit_compile(device, config.jit_compile)  # 'auto' may have picked Gaudi.
@@ -130,7 +128,7 @@ def _best_metric(config: TrainConfig, trainer: Trainer) -> str:
 def _check_finite_end(trainer: Trainer, test: dict, checkpointer) -> None:
     """A run whose final weights or test loss are not finite did not train: exit non-zero."""
     loss = test.get("loss", 0.0)
-    weights_finite = all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in trainer.model.weights)
+    weights_finite = trainer.weights_finite()
     if weights_finite and math.isfinite(loss):
         return
     what = "final weights" if not weights_finite else "test loss"

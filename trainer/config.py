@@ -15,6 +15,8 @@ DEVICES = ("auto", "cpu", "gpu", "hpu")
 DATASETS = ("fashion_mnist", "mnist", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine")
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_SYNTHETIC_EXAMPLES = 10_000_000
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "hpu")
 PROGRESS = ("auto", "bar", "log", "none")
 
@@ -161,6 +163,14 @@ class TrainConfig:
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("steps_per_loop", self.steps_per_loop, minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        if self.seed >= 2 ** 32:
+            raise ConfigError(f"seed must be below 2**32 (TensorFlow's and NumPy's limit), got "
+                              f"{self.seed} (--seed)")
+        if self.synthetic_examples > MAX_SYNTHETIC_EXAMPLES:
+            raise ConfigError(
+                f"synthetic_examples must be at most {MAX_SYNTHETIC_EXAMPLES:,} (the synthetic set "
+                f"is held in memory, 784 bytes per example), got {self.synthetic_examples} "
+                "(--synthetic_examples)")
         _check_int("synthetic_examples", self.synthetic_examples, minimum=1)
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
@@ -173,9 +183,10 @@ class TrainConfig:
         if self.base_port > 65535:
             raise ConfigError(f"base_port must be a TCP port (1-65535), got {self.base_port} "
                               "(--base_port)")
-        if not _is_number(self.clip_norm) or not 0 <= self.clip_norm < math.inf:
+        if not _is_number(self.clip_norm) or not 0 <= self.clip_norm <= FLOAT32_MAX:
             raise ConfigError(
-                f"clip_norm must be a number >= 0 (0 turns clipping off), got {self.clip_norm!r} "
+                f"clip_norm must be a number from 0 (off) to float32's largest, 3.4e38, got "
+                f"{self.clip_norm!r} "
                 "(--clip_norm)")
         if self.checkpoint_every and not self.model_dir:
             raise ConfigError(

@@ -97,6 +97,17 @@ class Datasets:
     source: str
     train_from: Optional[Callable[[int], tf.data.Dataset]] = None
 
+    def map_train(self, fn: Callable) -> "Datasets":
+        """The same datasets with ``fn`` applied to every training batch.
+
+        The one way to change the training stream in a ``build_datasets`` override: it maps
+        ``train`` and ``train_from`` alike, so an exact resume replays the mapped stream
+        (replacing ``train`` alone would leave ``train_from`` on the old data).
+        """
+        train_from = None if self.train_from is None else (
+            lambda skip: self.train_from(skip).map(fn))
+        return dataclasses.replace(self, train=self.train.map(fn), train_from=train_from)
+
 
 # ---------------------------------------------------------------------------- loading
 
@@ -369,7 +380,8 @@ def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, s
     if n_train < batch_size:
         raise UserError(
             f"batch_size {batch_size} is larger than the {n_train} training examples of "
-            f"{arrays.source}; lower --batch_size")
+            f"{arrays.source} left after --validation_split={validation_split} holds out "
+            f"{n_val}; lower --batch_size or --validation_split")
     x_train = tf.constant(arrays.x_train[:n_train])
     y_train = tf.constant(arrays.y_train[:n_train])
 

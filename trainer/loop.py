@@ -80,14 +80,18 @@ class Controller:
         action's boundary.
       actions: called after every loop with (global step, clock reading).
       should_stop: polled after every loop; True ends training early (e.g. preemption).
+      after_loop: called with the global step right after every loop, before the actions
+        (a check that may raise, e.g. a non-finite storm, so no action saves its state).
       clock: seconds as a float (injectable for tests).
     """
 
     def __init__(self, *, trainer: Trainer, total_steps: int, steps_per_loop: int,
                  actions: Sequence[PeriodicAction] = (),
                  should_stop: Callable[[], bool] = lambda: False,
+                 after_loop: Callable[[int], None] = lambda step: None,
                  clock: Callable[[], float] = time.perf_counter):
         self.trainer = trainer
+        self.after_loop = after_loop
         self.total_steps = total_steps
         self.steps_per_loop = steps_per_loop
         self.actions = list(actions)
@@ -107,8 +111,9 @@ class Controller:
             n = self.next_loop_size(step)
             start = self.clock()
             self.trainer.train_steps(n)
-            step = int(self.trainer.global_step.numpy())  # Also waits for the device.
-            self.timer.add(n, self.clock() - start)
+            before, step = step, int(self.trainer.global_step.numpy())  # Waits for the device.
+            self.timer.add(step - before, self.clock() - start)  # A storm may end it early.
+            self.after_loop(step)
             now = self.clock()
             for action in self.actions:
                 action(step, now)
@@ -218,7 +223,8 @@ class FitLoop:
         self.controller = Controller(
             trainer=trainer, total_steps=self.total_steps,
             steps_per_loop=config.steps_per_loop if steps_per_loop is None else steps_per_loop,
-            actions=actions, should_stop=self._stop_requested, clock=clock)
+            actions=actions, should_stop=self._stop_requested, after_loop=self._check_storm,
+            clock=clock)
 
     def run(self) -> FitResult:
         """Trains to the final step (or until stopped); saves and evaluates the end state."""
@@ -292,8 +298,13 @@ class FitLoop:
         del step, now
         self.checkpointer.save()
 
+    def _check_storm(self, step: int) -> None:
+        del step
+        saved = self.checkpointer is not None and self.checkpointer.last_saved_step is not None
+        check_non_finite(self.trainer, self.trainer.config.max_consecutive_skips,
+                         has_checkpoint=saved)
+
     def _stop_requested(self) -> bool:
-        check_non_finite(self.trainer, self.trainer.config.max_consecutive_skips)
         local = self.should_stop() if self.should_stop else None
         reason = self.lockstep.stop_vote(local)
         if reason:

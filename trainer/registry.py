@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from typing import Callable, Dict
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 
 ModelBuilder = Callable[..., "object"]
 _REGISTRY: Dict[str, ModelBuilder] = {}
@@ -74,4 +75,19 @@ def check_model_args(name: str, model_args: dict) -> None:
 def build_model(name: str, *, input_shape, num_classes: int, model_args: dict):
     """Builds the registered model ``name`` (call under the wanted dtype policy)."""
     check_model_args(name, model_args)
-    return get_model_builder(name)(input_shape=input_shape, num_classes=num_classes, **model_args)
+    from trainer.compat import tf  # Deferred: the registry is imported before TensorFlow.
+
+    try:
+        return get_model_builder(name)(input_shape=input_shape, num_classes=num_classes,
+                                       **model_args)
+    except (tf.errors.ResourceExhaustedError, MemoryError) as error:
+        text = re.sub(r"\{\{.*?\}\}\s*", "", getattr(error, "message", None) or str(error))
+        first = text.strip().splitlines()
+        raise UserError(
+            f"model {name!r} with --model_args={_args_text(model_args)} does not fit in memory "
+            f"({type(error).__name__}: {first[0][:150] if first else ''}); choose smaller "
+            "--model_args") from None
+
+
+def _args_text(model_args: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in model_args.items()) or "''"

@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 import tempfile
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 from trainer.errors import UserError
 
@@ -100,6 +100,38 @@ def check_output_dir(path: str, flag: str = "--model_dir") -> None:
     flag = _flag(flag)
     _check_text(path, flag)
     _check_folder(os.path.realpath(path), flag, path)
+
+
+def check_outputs(*, metrics_file: Optional[str], model_dir: Optional[str],
+                  model_dir_entries: Sequence[str] = ()) -> None:
+    """Checks ``--model_dir`` and ``--metrics_file`` together, before training.
+
+    The folder is checked first, so a metrics file that names it is refused now rather than
+    failing to replace a folder after training; and a metrics file may not replace one of
+    the folder's own entries (its run file, say), which would lose them.
+
+    Args:
+      metrics_file: the ``--metrics_file`` value, or None / '' for none.
+      model_dir: the ``--model_dir`` value, or None / '' for none.
+      model_dir_entries: the names the run keeps at the top of ``model_dir``
+        (e.g. 'run.json', 'checkpoints').
+
+    Raises:
+      UserError: one line naming the flag to change.
+    """
+    if model_dir:
+        check_output_dir(model_dir, "--model_dir")
+    if not metrics_file:
+        return
+    if model_dir and "\0" not in metrics_file:
+        inside = os.path.relpath(os.path.realpath(metrics_file), os.path.realpath(model_dir))
+        entry = inside.split(os.sep)[0]
+        if entry in model_dir_entries:
+            raise UserError(
+                f"--metrics_file {metrics_file!r} would overwrite {entry!r}, which the run keeps "
+                f"in --model_dir; pass another --metrics_file such as "
+                f"{os.path.join(model_dir, 'metrics.json')!r}")
+    check_output_file(metrics_file, "--metrics_file")
 
 
 # Kept for callers of the old name.

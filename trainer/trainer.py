@@ -38,11 +38,14 @@ def _check_accumulation(config: TrainConfig, replicas: int) -> None:
 def _describe_spec(spec) -> str:
     """'(float32[32,28,28,1], int32[32])': an element_spec on one short line."""
     def one(s):
-        shape = ",".join("?" if d is None else str(d) for d in s.shape.as_list()) \
-            if s.shape.rank is not None else "..."
-        return f"{s.dtype.name}[{shape}]" if hasattr(s, "dtype") else type(s).__name__
-    flat = [one(s) for s in tf.nest.flatten(spec)]
-    return "(" + ", ".join(flat) + ")"
+        shape, dtype = getattr(s, "shape", None), getattr(s, "dtype", None)
+        if shape is None or dtype is None:
+            return type(s).__name__
+        dims = ",".join("?" if d is None else str(d) for d in shape.as_list()) \
+            if shape.rank is not None else "..."
+        return f"{dtype.name}[{dims}]"
+
+    return "(" + ", ".join(one(s) for s in tf.nest.flatten(spec)) + ")"
 
 
 def _check_train_from(datasets: data.Datasets, owner: str) -> None:
@@ -61,9 +64,8 @@ def _check_train_from(datasets: data.Datasets, owner: str) -> None:
         raise UserError(
             f"{owner}.build_datasets returned a `train` that yields {_describe_spec(got)} but a "
             f"`train_from` that yields {_describe_spec(expected)}; the Trainer reads "
-            "train_from(n), which must be train with its first n examples skipped: change "
-            "train_from the same way (e.g. train_from=lambda n: base.train_from(n).map(fn)) "
-            "or set train_from=None")
+            "train_from(n), which must be train with its first n examples skipped: map both "
+            "with datasets.map_train(fn), or set train_from=None")
 
 
 _NO_LIMIT = 2 ** 63 - 1  # max_consecutive_skips=0: the loop never stops for skips.
@@ -181,10 +183,10 @@ class Trainer:
 
         When ``train_from`` is set, the Trainer reads ``train_from(examples_seen)``, not
         ``train``: ``train_from(n)`` must be ``train`` with its first ``n`` examples skipped.
-        To change the training data, change both alike (e.g. ``dataclasses.replace(base,
-        train=base.train.map(fn), train_from=lambda n: base.train_from(n).map(fn))``) or set
-        ``train_from=None`` (then the iterator's state is checkpointed where it can be). A
-        ``train`` whose element spec differs from ``train_from(0)``'s is refused.
+        To change the training data, use ``super().build_datasets().map_train(fn)``, which
+        maps both alike, or set ``train_from=None`` (then the iterator's state is checkpointed
+        where it can be). A ``train`` whose element spec differs from ``train_from(0)``'s is
+        refused.
         """
         arrays = data.load_arrays(self.config.dataset, data_dir=self.config.data_dir,
                                   seed=self.config.seed,
