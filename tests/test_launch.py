@@ -386,3 +386,48 @@ def test_cli_missing_program_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot start ") and "No such file" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+
+
+# ---------------------------------------------------------------- a worker that never joins
+#
+# The real run.py (TensorFlow) as worker 0 of a 2-worker TF_CONFIG whose worker 1 is a port
+# nobody listens on: what a user sees when one box's process never starts.
+
+REGISTER_TIMEOUT_S = 15  # TRAINER_REGISTER_TIMEOUT_S for this test; the default is minutes.
+NEVER_JOINS_ARGS = ("--dataset=synthetic", "--synthetic_examples=256", "--batch_size=32",
+                    "--model_args=units=16", "--epochs=1", "--validation_split=0",
+                    "--progress=log", "--device=cpu")
+
+
+def _registration_timeout_available() -> bool:
+    from trainer import distribute  # TensorFlow: imported only when this test is collected.
+
+    return hasattr(distribute, "REGISTER_TIMEOUT_S")
+
+
+@pytest.mark.skipif(not _registration_timeout_available(),
+                    reason="trainer/distribute.py has no registration timeout yet (issue 8): "
+                           "TensorFlow's own waits an hour for a worker that never starts")
+@pytest.mark.parametrize("own_index", [0, 1], ids=["leader-alone", "follower-alone"])
+def test_worker_whose_peer_never_starts_fails_within_the_timeout(own_index):
+    ports = launch.free_ports(2)  # Closed again at once: the peer's port has no listener.
+    addresses = [f"localhost:{port}" for port in ports]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TF_CONFIG", "OMPI_COMM_WORLD_", "HOROVOD_", "TRAINER_"))}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", TRAINER_REGISTER_TIMEOUT_S=str(REGISTER_TIMEOUT_S),
+               TF_CONFIG=json.dumps({"cluster": {"worker": addresses},
+                                     "task": {"type": "worker", "index": own_index}}))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "run.py", *NEVER_JOINS_ARGS,
+                             "--distribution=multi_worker"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=REGISTER_TIMEOUT_S + 120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, result.stderr[-3000:]
+    # The wait itself, plus TensorFlow's start-up and its 5 s of slack for a follower.
+    assert REGISTER_TIMEOUT_S <= elapsed < REGISTER_TIMEOUT_S + 60, elapsed
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    missing = addresses[1 - own_index]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: worker {1 - own_index} ({missing}) did not join this "
+                                f"job within {REGISTER_TIMEOUT_S} s; "), errors[0]
+    assert "Traceback" not in result.stderr

@@ -23,6 +23,7 @@ from conftest import ROOT
 
 IP = shutil.which("ip")
 ADDRESSES = ("10.200.0.1", "10.200.0.2")
+WORKER_HOSTS = ",".join(f"{address}:1" for address in ADDRESSES)  # One slot on each host.
 BASE_PORT = 2410  # Habana's multi-box default; each namespace has its own ports.
 TRAIN_ARGS = ("--dataset=synthetic", "--synthetic_examples=256", "--batch_size=32",
               "--model_args=units=16", "--epochs=1", "--validation_split=0", "--policy=float32",
@@ -38,7 +39,7 @@ def _ip(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def two_hosts():
-    """Two namespaces joined by a veth pair; yields their names (host 0, host 1)."""
+    """Two namespaces joined by a veth pair; yields [(namespace, link)] for host 0 and 1."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root (ip netns add)")
     if IP is None:
@@ -64,13 +65,19 @@ def two_hosts():
             if result.returncode:
                 pytest.skip(f"cannot set up the veth link (ip {' '.join(step)}): "
                             f"{result.stderr.strip()}")
-        yield namespaces
+        yield list(zip(namespaces, links))
     finally:
         # Deleting a namespace deletes the veth end in it, and with it the peer.
         for namespace in created:
             _ip("netns", "delete", namespace)
         if _ip("link", "show", links[0]).returncode == 0:  # Never moved into a namespace.
             _ip("link", "delete", links[0])
+
+
+def _bytes_sent(namespace: str, link: str) -> int:
+    """Bytes ``link`` in ``namespace`` has sent: traffic that crossed to the other host."""
+    result = _ip("-n", namespace, "-j", "-s", "link", "show", link)
+    return json.loads(result.stdout)[0]["stats64"]["tx"]["bytes"]
 
 
 def _worker_env(rank: int) -> dict:
@@ -85,21 +92,22 @@ def test_one_worker_on_each_of_two_hosts_trains_in_sync(tmp_path, two_hosts):
     metrics = [tmp_path / f"host{rank}.json" for rank in range(2)]
     procs = []
     try:
-        for rank, namespace in enumerate(two_hosts):
+        for rank, (namespace, _) in enumerate(two_hosts):
             procs.append(subprocess.Popen(
                 [IP, "netns", "exec", namespace, sys.executable, "run.py", *TRAIN_ARGS,
-                 "--distribution=multi_worker", f"--worker_hosts={ADDRESSES[0]}:1,{ADDRESSES[1]}:1",
+                 "--distribution=multi_worker", f"--worker_hosts={WORKER_HOSTS}",
                  f"--base_port={BASE_PORT}", f"--metrics_file={metrics[rank]}"],
                 cwd=ROOT, env=_worker_env(rank), stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True))
-        # Bounded: the two-core machine trains this in about 15-30 s; a worker that cannot
-        # reach its peer would otherwise wait for TensorFlow's registration timeout (1 h).
+        # Bounded: about 8 s on the 2-core machine; a worker that cannot reach its peer
+        # would otherwise wait for TensorFlow's registration timeout.
         outputs = [proc.communicate(timeout=240)[0] for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    sent = [_bytes_sent(*host) for host in two_hosts]
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"host {rank}:\n{output[-3000:]}"
     lines = [WORKER_LINE.findall(output) for output in outputs]
@@ -109,6 +117,12 @@ def test_one_worker_on_each_of_two_hosts_trains_in_sync(tmp_path, two_hosts):
     assert int(step0) == int(step1) == 256 // 32  # One epoch of full global batches.
     assert float(checksum0) == float(checksum1)  # All-reduced gradients: identical weights.
     assert " (chief)" in re.search(r"^worker 0/2.*$", outputs[0], re.M).group(0)
+    # Every step's gradients crossed the link: a 2-worker ring all-reduce sends each worker's
+    # half twice (reduce-scatter, all-gather), 4 bytes per float32 parameter in all. Measured:
+    # about 1.2x (host 1) and 1.5x (host 0, which also broadcasts the initial weights) of it.
+    params = int(re.search(r"model: \S+ \(([\d,]+) parameters\)", outputs[0]).group(1)
+                 .replace(",", ""))
+    assert min(sent) >= int(step0) * 4 * params, (sent, params)
     # Only the chief writes its metrics file; it reports the same run.
     chief = json.loads(metrics[0].read_text())
     assert not metrics[1].exists()

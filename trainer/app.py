@@ -131,11 +131,11 @@ def _check_finite_end(trainer: Trainer, test: dict, checkpointer) -> None:
     weights_finite = trainer.weights_finite()
     if weights_finite and math.isfinite(loss):
         return
-    what = "final weights" if not weights_finite else "test loss"
+    what = "final weights are" if not weights_finite else "test loss is"
     kept = (f"; the checkpoints in {checkpointer.model_dir} hold the last state"
             if checkpointer is not None else "")
     raise loop.TrainingStopped(
-        f"training diverged: the {what} are not finite ({int(trainer.skipped_steps.numpy())} "
+        f"training diverged: the {what} not finite ({int(trainer.skipped_steps.numpy())} "
         f"non-finite steps were skipped){kept}. Lower --learning_rate, set --clip_norm, or "
         "check the data for NaN/Inf")
 
