@@ -9,7 +9,7 @@ ARGS ?=
 
 .PHONY: setup run test test-tf215 benchmark clean
 
-setup: $(VENV)/.installed $(FMNIST) /usr/bin/mpirun
+setup: $(VENV)/.installed $(FMNIST) /usr/bin/mpirun /bin/ip
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(FMNIST):
 
 /usr/bin/mpirun:
 	$(call apt_install,openmpi-bin)
+
+# iproute2: network namespaces for the simulated two-host test (tests/test_two_hosts.py).
+/bin/ip:
+	$(call apt_install,iproute2)
 
 define apt_install
 	@if [ "$$(id -u)" != 0 ]; then echo "setup: run as root to install Debian package $(1) (apt-get install $(1))"; exit 1; fi
@@ -48,7 +52,7 @@ $(VENV215)/.installed: requirements-tf215.txt
 	$(PY215) -m pip install --quiet -r requirements-tf215.txt
 	touch $@
 
-test-tf215: $(VENV215)/.installed $(FMNIST) /usr/bin/mpirun
+test-tf215: $(VENV215)/.installed $(FMNIST) /usr/bin/mpirun /bin/ip
 	$(PY215) -m pytest -q -p no:cacheprovider $(TF215_TESTS)
 
 run: setup

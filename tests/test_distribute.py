@@ -310,7 +310,7 @@ def test_killed_worker_stops_the_job_and_chief_checkpoint_survives(tmp_path):
     output = "".join(lines)
     assert proc.returncode != 0
     assert stopped_after < 30, stopped_after
-    assert "[launch] worker 1 was killed by SIGKILL; stopping the other 1 worker(s)" in output
+    assert "[launch] worker 1 was killed by SIGKILL" in output
     # The chief's newest checkpoint is whole: a one-worker job resumes from it.
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     saved_step = int(re.search(r"ckpt-(\d+)$", latest).group(1))

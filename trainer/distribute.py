@@ -23,6 +23,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 from typing import Iterator, MutableMapping, Optional
 
 from trainer import worker_env
@@ -38,6 +39,9 @@ COLLECTIVE_TIMEOUT_S = 600
 # two shared cores); a dead worker is still noticed at once by its peers' broken connections
 # and by the launcher (trainer.launch, mpirun).
 HEARTBEAT_TIMEOUT_S = 60
+# How long a worker waits for every other worker to join the cluster before it fails.
+# TensorFlow's default is one hour; TRAINER_REGISTER_TIMEOUT_S overrides ours.
+REGISTER_TIMEOUT_S = 300
 
 
 class WorkerLostError(UserError):
@@ -157,7 +161,10 @@ def setup(config, device) -> Cluster:
     from trainer import lockstep  # Deferred like the other TF-side imports here.
 
     lockstep.fault_point("setup")
-    strategy = _collective_strategy(kind)
+    try:
+        strategy = _collective_strategy(kind)
+    except tf.errors.DeadlineExceededError as error:
+        raise UserError(_not_joined(error)) from None
     _check_batch(config.batch_size, strategy.num_replicas_in_sync)
     resolver = strategy.cluster_resolver
     task_type, task_id = resolver.task_type, resolver.task_id
@@ -190,6 +197,30 @@ def _collective_strategy(kind: str) -> tf.distribute.Strategy:
     return strategy_cls(**kwargs)
 
 
+def register_timeout_s() -> float:
+    """Seconds a worker waits for all the others to join (TRAINER_REGISTER_TIMEOUT_S)."""
+    return float(os.environ.get("TRAINER_REGISTER_TIMEOUT_S", REGISTER_TIMEOUT_S))
+
+
+def _not_joined(error) -> str:
+    """One line for a cluster that did not assemble: which workers never joined, and where."""
+    cluster = worker_env.read_tf_config(os.environ["TF_CONFIG"])["cluster"]
+    message = error.message or ""
+    if "Wait_for_all_tasks_to_register" in message:  # This worker leads; the others are late.
+        lists = re.findall(r"timed out task names:\s*((?:/job:\w+/replica:0/task:\d+\s*)+)",
+                           message)
+        missing = sorted({(job, int(task)) for names in lists for job, task in
+                          re.findall(r"/job:(\w+)/replica:0/task:(\d+)", names)})
+    else:  # This worker could not register with the leader, task 0.
+        missing = [("chief" if "chief" in cluster else "worker", 0)]
+    named = ", ".join(f"{job} {task} ({cluster[job][task]})" for job, task in missing
+                      if task < len(cluster.get(job, ()))) or "another worker"
+    return (f"{named} did not join this job within {register_timeout_s():g} s; start every "
+            "worker of the job (same cluster in TF_CONFIG / --worker_hosts) and check that its "
+            "address is reachable from here and its port open, or give slow starters more time "
+            "with TRAINER_REGISTER_TIMEOUT_S")
+
+
 def _configure_coordination_service() -> None:
     """What MultiWorkerMirroredStrategy would configure, with a longer heartbeat timeout.
 
@@ -209,8 +240,15 @@ def _configure_coordination_service() -> None:
     ctx.configure_coordination_service(
         service_type="standalone", service_leader=f"/job:{jobs[0]}/replica:0/task:0",
         heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_S * 1000,
+        cluster_register_timeout_in_ms=int(register_timeout_s() * 1000),
         coordinated_jobs=[proto.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
                           for job in jobs])
+    # Registration as a barrier: every task waits at most the register timeout for all the
+    # others (without it the leader waits in WaitForAllTasks, whose timeout is a fixed hour).
+    # TF 2.15 has no such field: there only a follower's wait is bounded.
+    config = ctx.coordination_service
+    if "cluster_register_with_barrier" in config.DESCRIPTOR.fields_by_name:
+        config.cluster_register_with_barrier = True
 
 
 def _check_batch(batch_size: int, replicas: int) -> None:
@@ -247,6 +285,8 @@ def worker_failures_as_errors() -> Iterator[None]:
         cause = next((line for line in lines if "aborted by" in line.lower()),
                      next((line for line in lines if line and "Graph execution error" not in line),
                           type(error).__name__))
+        if cause.startswith("{{function_node"):  # The traced function's name: not for a user.
+            cause = cause.partition("}}")[2].strip() or type(error).__name__
         raise WorkerLostError(
             f"another worker of this job stopped responding ({type(error).__name__}: "
             f"{cause[:300]}); this worker stops too. Check the other workers' output for the "

@@ -10,8 +10,8 @@ prefix. When one worker fails, the launcher stops the others (SIGTERM, then SIGK
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) to the launcher is forwarded to the workers as SIGTERM
 (run.py then saves a checkpoint and exits 0); they are killed if still running ``--grace_s``
-later, or at once on a second signal. If the launcher itself dies, even by SIGKILL, the kernel
-kills its workers (``PR_SET_PDEATHSIG``), so none is left behind.
+later, or at once on a second signal. The launcher always returns. If it dies, even by
+SIGKILL, the kernel kills its workers (``PR_SET_PDEATHSIG``), so none is left behind.
 On several machines use ``mpirun`` instead (see docs/distributed.md).
 """
 
@@ -136,7 +136,7 @@ def _stream(index: int, pipe, out, lock: threading.Lock) -> None:
 
 def _signal_all(procs, sig) -> None:
     for proc in procs:
-        if proc.poll() is None:
+        if proc.returncode is None:
             try:
                 os.killpg(proc.pid, sig)  # The worker and anything it started.
             except ProcessLookupError:
@@ -149,6 +149,9 @@ class _Supervisor:
     Signal handlers only append to :attr:`received`; everything else (forwarding, printing)
     happens here, outside the handler. A handler that printed would take the output lock,
     and a second signal arriving while the main thread holds it deadlocks the launcher.
+    One thread per worker waits for it, appends its index to :attr:`exited` and wakes the
+    main thread: the worker that failed *first* is the one reported, and the others are
+    stopped at once (they usually fail because of it, a few milliseconds later).
     """
 
     def __init__(self, procs, grace_s: float, say: Callable[[str], None]):
@@ -156,17 +159,30 @@ class _Supervisor:
         self.grace_s = grace_s
         self.say = say
         self.received: List[int] = []  # Signal numbers, appended by the handler.
+        self.exited: List[int] = []  # Worker indices in the order they exited.
+        self._exit_seen = threading.Event()  # Set by the waiting threads, never by a handler.
         self._handled = 0
         self._kill_at: Optional[float] = None  # Set once the workers were sent SIGTERM.
         self._killed = False
         self.status = 0
-        self._failed: Optional[int] = None  # Index of the first worker seen failing.
+        self._failed: Optional[int] = None  # Index of the first worker that failed.
         self._reported = False  # Its failure was already printed.
 
     def record(self, signum, frame) -> None:
         """The signal handler: records and returns. No lock, no I/O (see the class doc)."""
         del frame
         self.received.append(signum)
+
+    def watch(self, index: int) -> threading.Thread:
+        """Starts the thread that waits for worker ``index``."""
+        def wait() -> None:
+            self.procs[index].wait()
+            self.exited.append(index)
+            self._exit_seen.set()
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        return thread
 
     def _terminate(self) -> None:
         _signal_all(self.procs, signal.SIGTERM)
@@ -188,34 +204,38 @@ class _Supervisor:
                 self._kill()
                 self.say(f"received {name} while stopping; killing the workers")
 
-    def _on_exits(self) -> None:
+    def _on_exits(self, exited: List[int]) -> None:
         if self.status:
             return
-        failed = [(i, p) for i, p in enumerate(self.procs) if p.poll() not in (None, 0)]
-        if not failed:
+        index = next((i for i in exited if self.procs[i].returncode != 0), None)
+        if index is None:
             return
-        index, proc = failed[0]
-        self._failed, self.status = index, _exit_code(proc.returncode)
-        running = [p for p in self.procs if p.poll() is None]
+        code = self.procs[index].returncode
+        self._failed, self.status = index, _exit_code(code)
+        running = len(self.procs) - len(exited)
         if running and self._kill_at is None:
             self._terminate()
-            self.say(f"worker {index} {_describe(proc.returncode)}; stopping the other "
-                     f"{len(running)} worker(s), which cannot continue without it")
+            self.say(f"worker {index} {_describe(code)}; stopping the other {running} "
+                     "worker(s), which cannot continue without it")
             self._reported = True
 
     def run(self) -> int:
         """Waits until every worker has exited; returns the job's exit status."""
         while True:
+            self._exit_seen.clear()  # Before reading: an exit after this wakes the wait below.
             self._on_signals()
-            self._on_exits()
-            running = [p for p in self.procs if p.poll() is None]
+            exited = list(self.exited)
+            self._on_exits(exited)
+            running = len(self.procs) - len(exited)
             if not running:
                 break
             if self._kill_at is not None and not self._killed and time.monotonic() >= self._kill_at:
                 self._kill()
-                self.say(f"{len(running)} worker(s) still running {self.grace_s:g} s after "
-                         "SIGTERM; killing them")
-            time.sleep(POLL_S)
+                self.say(f"{running} worker(s) still running {self.grace_s:g} s after SIGTERM; "
+                         "killing them")
+            # A signal interrupts the wait only to run its handler: it is acted on within
+            # POLL_S; an exit is acted on at once.
+            self._exit_seen.wait(POLL_S)
         if self.status and not self._reported:
             self.say(f"worker {self._failed} {_describe(self.procs[self._failed].returncode)}")
         if self.status:
@@ -247,7 +267,8 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
     command = list(command)
     if command[0].endswith(".py"):
         command.insert(0, sys.executable)
-    ports = free_ports(num_workers) if base_port == 0 else [base_port + i for i in range(num_workers)]
+    ports = (free_ports(num_workers) if base_port == 0
+             else [base_port + i for i in range(num_workers)])
     addresses = [f"localhost:{port}" for port in ports]
     lock = threading.Lock()
     procs: list = []
@@ -276,7 +297,7 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
             thread = threading.Thread(target=_stream, args=(index, proc.stdout, out, lock),
                                       daemon=True)
             thread.start()
-            threads.append(thread)
+            threads += [thread, supervisor.watch(index)]
         return supervisor.run()
     finally:
         # Only after an error in the launcher itself is anything still running here.

@@ -8,64 +8,12 @@ caching, the distribution strategy and loss scaling, so a subclass cannot get th
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Optional
 
-from trainer import data, lockstep, optimizers, precision, registry
+from trainer import contracts, data, lockstep, metric_views, optimizers, precision, registry
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
-from trainer.errors import UserError
 from trainer.loss_scale import LossScaler
-
-
-def _check_accumulation(config: TrainConfig, replicas: int) -> None:
-    """Refuses a per-replica batch that ``grad_accum_steps`` cannot split evenly."""
-    k = config.grad_accum_steps
-    per_replica = config.batch_size // replicas
-    if k == 1 or (per_replica % k == 0 and config.batch_size % replicas == 0):
-        return
-    unit = replicas * k
-    lower = config.batch_size - config.batch_size % unit
-    fewer = max(d for d in range(1, k + 1) if per_replica % d == 0) if per_replica else 1
-    raise UserError(
-        f"--batch_size={config.batch_size} gives {per_replica} examples per replica on "
-        f"{replicas} replicas, which --grad_accum_steps={k} cannot split into equal "
-        f"micro-batches; use a --batch_size divisible by {unit} (e.g. "
-        f"--batch_size={lower or unit} or --batch_size={lower + unit}) or "
-        f"--grad_accum_steps={fewer}")
-
-
-def _describe_spec(spec) -> str:
-    """'(float32[32,28,28,1], int32[32])': an element_spec on one short line."""
-    def one(s):
-        shape, dtype = getattr(s, "shape", None), getattr(s, "dtype", None)
-        if shape is None or dtype is None:
-            return type(s).__name__
-        dims = ",".join("?" if d is None else str(d) for d in shape.as_list()) \
-            if shape.rank is not None else "..."
-        return f"{dtype.name}[{dims}]"
-
-    return "(" + ", ".join(one(s) for s in tf.nest.flatten(spec)) + ")"
-
-
-def _check_train_from(datasets: data.Datasets, owner: str) -> None:
-    """Refuses a ``train`` that ``train_from`` does not reproduce (the Trainer reads the latter).
-
-    The Trainer reads its input from ``train_from(examples_seen)``, so a ``build_datasets``
-    override that maps ``train`` to new features or targets but keeps the old ``train_from``
-    would silently train on the old data. Only a change of element spec (dtype, shape,
-    structure) is detectable without reading data; changes that keep it are the override's
-    duty (the ``build_datasets`` docstring says so).
-    """
-    if datasets.train_from is None:
-        return
-    got, expected = datasets.train.element_spec, datasets.train_from(0).element_spec
-    if got != expected:
-        raise UserError(
-            f"{owner}.build_datasets returned a `train` that yields {_describe_spec(got)} but a "
-            f"`train_from` that yields {_describe_spec(expected)}; the Trainer reads "
-            "train_from(n), which must be train with its first n examples skipped: map both "
-            "with datasets.map_train(fn), or set train_from=None")
 
 
 _NO_LIMIT = 2 ** 63 - 1  # max_consecutive_skips=0: the loop never stops for skips.
@@ -78,17 +26,6 @@ def _split(t: tf.Tensor, k: int) -> tf.Tensor:
     micro = shape[0] // k if shape[0] is not None else -1
     rest = [d if d is not None else dynamic[i + 1] for i, d in enumerate(shape[1:])]
     return tf.reshape(t, [k, micro] + rest)
-
-
-def _contract_error(message: str) -> UserError:
-    """A UserError to raise while tracing: AutoGraph passes it through unchanged.
-
-    AutoGraph otherwise re-creates an exception raised in converted code with an 'in user
-    code:' stack in its message, and the user would get a multi-line error.
-    """
-    error = UserError(message)
-    error.ag_pass_through = True
-    return error
 
 
 class Trainer:
@@ -134,13 +71,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, strategy: Optional[tf.distribute.Strategy] = None):
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
-        _check_accumulation(config, self.strategy.num_replicas_in_sync)
+        contracts.check_accumulation(config, self.strategy.num_replicas_in_sync)
         # Same seed, same initial weights and data order: runs under different policies are
         # comparable. Seed before the datasets: tf.data's shuffle seed combines with the global
         # seed, so seeding later made the order depend on whatever ran before in the process.
         keras.utils.set_random_seed(config.seed)
         self.datasets = self.build_datasets()
-        _check_train_from(self.datasets, type(self).__name__)
+        contracts.check_train_from(self.datasets, type(self).__name__)
         if config.deterministic:
             # Bit-exact resume: deterministic kernels, and layer RNGs (dropout) held in
             # tf.random.Generator variables, which are saved with the model.
@@ -375,25 +312,8 @@ class Trainer:
         return outputs
 
     def _check_loss_shape(self, per_example, labels, features) -> None:
-        """Refuses, when the step is traced, a compute_loss result that is not one per example.
-
-        A ``[batch, 28, 28]`` loss would be summed over every pixel (the optimised loss 784x
-        the logged one), a scalar mean divided by the batch once more: both train silently
-        wrong. The static shape is all there is to check; an unknown dimension passes.
-        """
-        reference = tf.nest.flatten(labels) or tf.nest.flatten(features)
-        batch = reference[0].shape[0] if reference and reference[0].shape.rank else None
-        shape = per_example.shape
-        if shape.rank is None or (shape.rank == 1 and None in (batch, shape[0])) or \
-                shape.as_list() == [batch]:
-            return
-        part = "micro-batch" if self.config.grad_accum_steps > 1 else "batch"
-        raise _contract_error(
-            f"{type(self).__name__}.compute_loss returned shape {shape.as_list()}; it must "
-            f"return one loss per example, shape [{batch if batch is not None else 'batch'}] "
-            f"(this replica's {part}): reduce any other axes yourself (e.g. "
-            "tf.reduce_mean(loss, axis=[1, 2])) and do not average over the batch (the Trainer "
-            "divides the sum by the global batch size)")
+        contracts.check_loss_shape(per_example, labels, features, owner=type(self).__name__,
+                                   micro=self.config.grad_accum_steps > 1)
 
     def _storm(self, max_consecutive_skips):
         """True once skipping non-finite steps no longer helps (see loop.check_non_finite)."""
@@ -498,57 +418,5 @@ class Trainer:
         per_example = self.compute_loss(labels, outputs)
         self._check_loss_shape(per_example, labels, features)  # Evaluation may come first.
         self.eval_metrics["loss"].update_state(per_example, sample_weight=weights)
-        self.update_metrics(self._weighted_metrics(weights), labels, outputs)
-
-    def _weighted_metrics(self, weights):
-        """Views of ``eval_metrics`` that weigh every update by this batch's example weights.
-
-        A view's ``update_state`` and call pass ``sample_weight=weights`` to the metric,
-        multiplied by any ``sample_weight`` the caller gave; everything else (``result``,
-        ``reset_state``, attributes) is the metric's own. So ``update_metrics`` overrides that
-        know nothing of padding mask it anyway, ``super().update_metrics`` calls included.
-        Fresh views per call: replicas trace in parallel threads, each with its own weights.
-        """
-        import inspect  # Only here: the module imports belong to other edits under way.
-
-        def weigh(metric, args, kwargs):
-            # Keras wraps update_state in a (*args, **kwargs) decorator: read the class's.
-            signature = inspect.signature(type(metric).update_state)
-            accepts = "sample_weight" in signature.parameters or any(
-                p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-            if not accepts:
-                raise TypeError(
-                    f"metric {metric.name!r}: update_state takes no sample_weight, so evaluation "
-                    "cannot leave out the padding of its last batch; accept "
-                    "`sample_weight=None` and weigh each example by it")
-            if "sample_weight" in signature.parameters:  # Possibly passed by position.
-                bound = signature.bind_partial(metric, *args, **kwargs)
-                given = bound.arguments.pop("sample_weight", None)
-                args, kwargs = bound.args[1:], bound.kwargs
-            else:  # Taken by **kwargs.
-                kwargs = dict(kwargs)
-                given = kwargs.pop("sample_weight", None)
-            combined = weights
-            if given is not None:
-                given = tf.cast(given, weights.dtype)
-                rank = given.shape.rank or 0
-                combined = given * (weights if rank == 0 else
-                                    tf.reshape(weights, [-1] + [1] * (rank - 1)))
-            return args, dict(kwargs, sample_weight=combined)
-
-        class WeightedMetric:
-            def __init__(self, metric):
-                self._metric = metric
-
-            def __getattr__(self, name):
-                return getattr(self._metric, name)
-
-            def update_state(self, *args, **kwargs):
-                args, kwargs = weigh(self._metric, args, kwargs)
-                return self._metric.update_state(*args, **kwargs)
-
-            def __call__(self, *args, **kwargs):
-                args, kwargs = weigh(self._metric, args, kwargs)
-                return self._metric(*args, **kwargs)
-
-        return {name: WeightedMetric(metric) for name, metric in self.eval_metrics.items()}
+        self.update_metrics(metric_views.weighted_views(self.eval_metrics, weights), labels,
+                            outputs)
