@@ -6,7 +6,12 @@ Flags -> TrainConfig -> trainer.main(config). A user mistake prints one line and
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out.
+# Keep TensorFlow's C++ start-up chatter out. In a multi-process job also its ERROR lines: a
+# dead peer makes the gRPC runtime print pages of them before our one `error:` line, whose
+# exception carries the same cause.
+_MULTI_PROCESS = any(os.environ.get(name) for name in (
+    "TF_CONFIG", "OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "TRAINER_WORLD_SIZE"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _MULTI_PROCESS else "2")
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -50,7 +55,10 @@ flags.DEFINE_string("best_metric", "auto",
                     "are minimised, accuracies maximised).")
 flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches accumulated per optimizer step.")
 flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm after unscaling (0: off).")
-flags.DEFINE_bool("jit_compile", False, "Compile the step function with XLA.")
+flags.DEFINE_bool("jit_compile", False,
+                  "Compile the per-replica forward and backward pass with XLA (the iterator, "
+                  "all-reduce and optimizer update stay outside; refused on Gaudi, which has "
+                  "no XLA).")
 flags.DEFINE_string("lr_schedule", "constant", "Learning-rate schedule: constant | cosine.")
 flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps before the schedule.")
 flags.DEFINE_string("progress", "auto",

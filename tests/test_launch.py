@@ -394,7 +394,7 @@ def test_cli_missing_program_is_one_line(tmp_path):
 # The real run.py (TensorFlow) as worker 0 of a 2-worker TF_CONFIG whose worker 1 is a port
 # nobody listens on: what a user sees when one box's process never starts.
 
-REGISTER_TIMEOUT_S = 15  # TRAINER_REGISTER_TIMEOUT_S for this test; the default is minutes.
+REGISTER_TIMEOUT_S = 15  # TRAINER_REGISTER_TIMEOUT_S for this test (the default is 50 s).
 NEVER_JOINS_ARGS = ("--dataset=synthetic", "--synthetic_examples=256", "--batch_size=32",
                     "--model_args=units=16", "--epochs=1", "--validation_split=0",
                     "--progress=log", "--device=cpu")

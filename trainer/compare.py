@@ -148,7 +148,9 @@ def reference_weights(trainer: Trainer) -> list:
     with precision.policy_scope("float32"):
         model = trainer.build_model()
     weights = model.get_weights()
-    keras.utils.set_random_seed(trainer.config.seed)  # Leave the RNG as the Trainer left it.
+    # Reseed: building the reference model drew from the RNG; what runs next starts from the
+    # seed, as it would without this call.
+    keras.utils.set_random_seed(trainer.config.seed)
     return weights
 
 

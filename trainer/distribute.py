@@ -39,9 +39,14 @@ COLLECTIVE_TIMEOUT_S = 600
 # two shared cores); a dead worker is still noticed at once by its peers' broken connections
 # and by the launcher (trainer.launch, mpirun).
 HEARTBEAT_TIMEOUT_S = 60
+# A dead peer that this worker is not waiting on a connection to (the chief waits for the
+# others' requests) is otherwise noticed only after the heartbeat timeout: probe them this often.
+PEER_CHECK_S = 2
 # How long a worker waits for every other worker to join the cluster before it fails.
-# TensorFlow's default is one hour; TRAINER_REGISTER_TIMEOUT_S overrides ours.
-REGISTER_TIMEOUT_S = 300
+# TensorFlow's default is one hour; ours keeps a worker that died at start-up from holding the
+# others for more than a minute. Slow starters (many hosts, slow file systems) can have more
+# with TRAINER_REGISTER_TIMEOUT_S.
+REGISTER_TIMEOUT_S = 50
 
 
 class WorkerLostError(UserError):
@@ -176,8 +181,50 @@ def setup(config, device) -> Cluster:
         is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
                                             and "chief" not in jobs)
         index = task_id + (1 if task_type == "worker" and "chief" in jobs else 0)
+    if num_workers > 1 and kind != "hpu":
+        # Not under HPUStrategy: Habana turns TensorFlow's own peer probing off on purpose
+        # (its collectives run over HCCL, not the gRPC links the probe checks).
+        _watch_peers(jobs, own=(task_type, task_id))
     return Cluster(strategy=strategy, is_chief=is_chief, num_workers=num_workers,
                    worker_index=index, kind=kind)
+
+
+def _watch_peers(jobs: dict, *, own) -> None:
+    """Aborts this worker's collectives as soon as a peer's process is gone.
+
+    TensorFlow's own probe (MultiWorkerMirroredStrategy's health thread) is off under the
+    coordination service, whose heartbeat takes up to HEARTBEAT_TIMEOUT_S; a dead peer's port
+    refuses at once. The blocked collective then raises UnavailableError, which
+    :func:`worker_failures_as_errors` turns into one line. Three failed probes in a row count.
+    """
+    import threading  # Only multi-worker runs start the thread.
+    import time
+
+    from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
+
+    peers = [f"/job:{job}/replica:0/task:{i}" for job in ("chief", "worker")
+             for i in range(len(jobs.get(job, ()))) if (job, i) != own]
+    down = (tf.errors.UnavailableError, tf.errors.FailedPreconditionError,
+            tf.errors.DeadlineExceededError)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PEER_CHECK_S)
+            for peer in peers:
+                for _ in range(3):
+                    try:
+                        context.context().check_collective_ops_peer_health(
+                            peer, timeout_in_ms=10_000)
+                        break
+                    except down as error:
+                        last = error
+                else:
+                    context.context().abort_collective_ops(
+                        tf.errors.UNAVAILABLE,
+                        f"worker {peer.rpartition(':')[2]} is gone ({type(last).__name__})")
+                    return
+
+    threading.Thread(target=watch, name="peer-watch", daemon=True).start()
 
 
 def _collective_strategy(kind: str) -> tf.distribute.Strategy:
