@@ -19,7 +19,8 @@ import pytest
 from conftest import ROOT, small_config, user_stderr_lines
 from trainer.compat import keras
 from trainer.errors import UserError
-from trainer.trainer import Trainer, _check_accumulation
+from trainer.contracts import check_accumulation
+from trainer.trainer import Trainer
 
 # bf16 keeps 8 mantissa bits: the same batch computed as 4 micro-batches or as one differs by
 # about 0.2-0.8% in the norm of each weight update (measured). A lost micro-batch would be
@@ -73,16 +74,16 @@ def test_variable_without_gradient_does_not_move(accum):
 
 def test_per_replica_batch_must_divide_by_accumulation_steps():
     config = small_config(batch_size=12, grad_accum_steps=4)  # 12 % 4 == 0 globally.
-    _check_accumulation(config, replicas=1)
+    check_accumulation(config, replicas=1)
     with pytest.raises(UserError) as info:
-        _check_accumulation(config, replicas=2)  # 6 per replica.
+        check_accumulation(config, replicas=2)  # 6 per replica.
     assert str(info.value) == (
         "--batch_size=12 gives 6 examples per replica on 2 replicas, which "
         "--grad_accum_steps=4 cannot split into equal micro-batches; use a --batch_size "
         "divisible by 8 (e.g. --batch_size=8 or --batch_size=16) or --grad_accum_steps=3")
     # Every value it suggests works.
     for batch, accum in ((8, 4), (16, 4), (12, 3)):
-        _check_accumulation(config.replace(batch_size=batch, grad_accum_steps=accum),
+        check_accumulation(config.replace(batch_size=batch, grad_accum_steps=accum),
                             replicas=2)
 
 

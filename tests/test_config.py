@@ -137,3 +137,9 @@ def test_fixed_loss_scale_limits_match_tensorflow():
     assert unscaled_gradient(MAX_FIXED_LOSS_SCALE) == 0.5
     assert unscaled_gradient(MIN_FIXED_LOSS_SCALE) == 0.5
     assert unscaled_gradient(MAX_FIXED_LOSS_SCALE * 2) == 0.0
+
+
+def test_jit_compile_on_hpu_is_refused_up_front():
+    with pytest.raises(ConfigError, match="jit_compile.*XLA.*Gaudi.*--jit_compile"):
+        TrainConfig(device="hpu", jit_compile=True)
+    TrainConfig(device="cpu", jit_compile=True)  # XLA exists on the CPU and GPU.

@@ -241,3 +241,12 @@ def test_unknown_best_metric_is_refused_before_training(tmp_path):
                                         "accuracy"):
         app.run(small_config(best_metric="acc", model_dir=str(model_dir)))
     assert not (model_dir / "checkpoints").exists()  # Refused before anything was saved.
+
+
+@pytest.mark.parametrize("loss_scale", ["none", "dynamic"])
+def test_a_run_that_ends_non_finite_fails_instead_of_reporting_nan(loss_scale):
+    """--learning_rate=1e30: the first (finite) update blows the weights up, later steps are
+    skipped; the run must not end with exit 0 and `test: loss nan`."""
+    with pytest.raises(loop.TrainingStopped, match=r"training diverged: the test loss is not "
+                                                    r"finite \(\d+ non-finite steps"):
+        app.run(small_config(learning_rate=1e30, loss_scale=loss_scale))
