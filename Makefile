@@ -43,7 +43,7 @@ VENV215 := .venv-tf215
 PY215 := $(VENV215)/bin/python
 TF215_TESTS := tests/test_trainer.py tests/test_loss_scale.py tests/test_precision.py \
 	tests/test_checkpoint.py tests/test_loop.py tests/test_preemption.py \
-	tests/test_devices.py tests/test_distribute.py tests/test_launch.py \
+	tests/test_devices.py tests/test_distribute.py \
 	tests/test_hpu_bridge.py tests/test_eval_padding.py tests/test_lockstep.py
 
 $(VENV215)/.installed: requirements-tf215.txt

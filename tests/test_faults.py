@@ -12,10 +12,8 @@ start-up, mid-loop, during a checkpoint save and during evaluation:
 
 Then the job is restarted (both workers, same command, no fault): it resumes from that
 checkpoint and ends with exactly the global step and weights checksum of one uninterrupted
-2-worker run (float32, ``--deterministic``, 24 steps). Each 2-worker run takes 10-30 s on two
-shared cores, so the restart is done for four representative cases only (chief during a save,
-non-chief mid-loop, chief mid-loop, non-chief during evaluation); the other four check the
-exit and the checkpoint on disk. A busy port is checked the same way: the worker that cannot
+2-worker run (float32, ``--deterministic``, 24 steps), in every case (a death before the
+first checkpoint restarts afresh). A busy port is checked the same way: the worker that cannot
 bind says so, and the other one does not wait for it forever.
 
 Start-up deaths are noticed by the registration timeout: these jobs run with
@@ -45,7 +43,7 @@ from trainer import launch
 EXIT_BOUND_S = 60  # The bound: the others exit within 60 s of the death.
 START_BOUND_S = 180  # Start-up and training up to the fault point, on a busy machine.
 RUN_BOUND_S = 240  # A whole 2-worker run.
-REGISTER_TIMEOUT_S = 30  # Ample for two workers started together; well inside EXIT_BOUND_S.
+REGISTER_TIMEOUT_S = 15  # Ample for two workers started together; well inside EXIT_BOUND_S.
 # 512 examples, 25 % held out: 384 / 32 = 12 steps per epoch, 24 in all. Step loops of 4;
 # a checkpoint every 4 steps, evaluation at steps 12 and 24 (before that step's checkpoint).
 ARGS = ("--dataset=synthetic", "--synthetic_examples=512", "--batch_size=32",
@@ -60,8 +58,6 @@ LAST_SAVED = {
     "checkpoint save:2": 4,  # Before writing ckpt-8.
     "evaluate:1": 8,  # The validation at step 12, before ckpt-12.
 }
-RESTARTED = {(0, "checkpoint save:2"), (1, "train steps:3"), (0, "train steps:3"),
-             (1, "evaluate:1")}
 WORKER_LINE = re.compile(r"^worker (\d)/2[^:]*: global_step (\d+) weights_checksum (\S+)$",
                          re.M)
 # What TensorFlow's C++ runtime prints about a broken collective or cluster: never for a user.
@@ -210,11 +206,13 @@ def test_killed_worker(tmp_path, victim, point, uninterrupted):
     # Nothing half-written became the newest checkpoint.
     assert _latest_step(model_dir) == LAST_SAVED[point], job.tails()
 
-    if (victim, point) not in RESTARTED:
-        return
     resumed = _run(tmp_path / "restart", model_dir)
     saved = LAST_SAVED[point]
-    assert f"ckpt-{saved} at step {saved} " in resumed["chief_output"], resumed["chief_output"]
+    if saved is None:  # Died before any checkpoint: the restart is a fresh start.
+        assert "resuming from" not in resumed["chief_output"], resumed["chief_output"]
+    else:
+        assert f"ckpt-{saved} at step {saved} " in resumed["chief_output"], \
+            resumed["chief_output"]
     # float32, --deterministic and the step-derived input position: bit-identical weights.
     assert resumed["workers"] == {0: uninterrupted, 1: uninterrupted}
 
