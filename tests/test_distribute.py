@@ -34,7 +34,10 @@ SINGLE_VS_MULTI_RTOL = 1e-5
 TRAIN_ARGS = ("--dataset=synthetic", "--synthetic_examples=1024", "--model_args=units=16",
               "--epochs=1", "--batch_size=64", "--policy=float32", "--device=cpu",
               "--progress=none", "--seed=3")
-WORKER_LINE = re.compile(r"worker (\d)/2[^:]*: global_step (\d+) weights_checksum (\S+)")
+# mpirun forwards each rank's output in chunks, so another rank's text can follow a line
+# with no newline between: match the number itself, not "up to the next space".
+WORKER_LINE = re.compile(r"worker (\d)/2[^:]*: global_step (\d+) "
+                         r"weights_checksum (-?\d+\.\d+(?:e[-+]?\d+)?)")
 LAUNCHER_VARS = [name for names in worker_env.RANK_VARIABLES.values() for name in names]
 
 

@@ -23,7 +23,10 @@ from trainer import lockstep
 from trainer.lockstep import Lockstep, LockstepError
 from trainer.trainer import Trainer
 
-WORKER_LINE = re.compile(r"worker (\d)/2[^:]*: global_step (\d+) weights_checksum (\S+)")
+# mpirun forwards each rank's output in chunks, so another rank's text can follow a line
+# with no newline between: match the number itself, not "up to the next space".
+WORKER_LINE = re.compile(r"worker (\d)/2[^:]*: global_step (\d+) "
+                         r"weights_checksum (-?\d+\.\d+(?:e[-+]?\d+)?)")
 SMALL = ("--dataset=synthetic", "--synthetic_examples=512", "--batch_size=32",
          "--model_args=units=16", "--epochs=1", "--steps_per_loop=4", "--seed=5")
 # Appended to the README's commands: small sizes only, every other flag as documented.
