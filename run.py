@@ -68,6 +68,12 @@ flags.DEFINE_bool("audit", False, "Print the per-layer precision audit and exit 
 flags.DEFINE_string("compare_policies", "",
                     "Comma list of policies to train and compare from identical weights, "
                     "e.g. float32,mixed_bfloat16.")
+flags.DEFINE_bool("numerics", False,
+                  "Print the per-layer numerics report of --policy against float32 and exit.")
+flags.DEFINE_integer("numerics_every", 0,
+                     "Log numerics statistics to TensorBoard every N steps (0: off).")
+flags.DEFINE_string("export_dir", None, "Write a SavedModel here at the end of training.")
+flags.DEFINE_string("profile_steps", "", "START,END: write a profiler trace of these steps.")
 # Distribution.
 flags.DEFINE_string("distribution", "auto",
                     "none | mirrored (local GPUs) | multi_worker | hpu | auto.")
@@ -81,8 +87,8 @@ CONFIG_FLAGS = ("policy", "device", "model", "model_args", "dataset", "data_dir"
                 "synthetic_examples", "checkpoint_every", "keep_checkpoints", "deterministic",
                 "allow_policy_change", "max_consecutive_skips", "eval_every", "best_metric",
                 "grad_accum_steps", "clip_norm", "jit_compile", "lr_schedule", "warmup_steps",
-                "progress", "audit", "compare_policies", "distribution", "worker_hosts",
-                "base_port")
+                "progress", "audit", "compare_policies", "numerics", "numerics_every",
+                "export_dir", "profile_steps", "distribution", "worker_hosts", "base_port")
 
 
 def main(argv):

@@ -149,6 +149,11 @@ class TrainConfig:
     # Precision toolkit.
     audit: bool = False
     compare_policies: str = ""
+    numerics: bool = False
+    numerics_every: int = 0
+    # Outputs beyond checkpoints.
+    export_dir: Optional[str] = None
+    profile_steps: str = ""
     # Distribution.
     distribution: str = "auto"
     worker_hosts: str = ""
@@ -157,7 +162,9 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("device", self.device, DEVICES)
-        _check_choice("dataset", self.dataset, DATASETS)
+        if not (isinstance(self.dataset, str) and self.dataset.startswith("tfds:")
+                and len(self.dataset) > len("tfds:")):
+            _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_int("epochs", self.epochs, minimum=0)
         _check_int("batch_size", self.batch_size, minimum=1)
@@ -175,7 +182,8 @@ class TrainConfig:
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("progress", self.progress, PROGRESS)
-        for name in ("checkpoint_every", "max_consecutive_skips", "eval_every", "warmup_steps"):
+        for name in ("checkpoint_every", "max_consecutive_skips", "eval_every", "warmup_steps",
+                     "numerics_every"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("keep_checkpoints", "grad_accum_steps"):
             _check_int(name, getattr(self, name), minimum=1)
