@@ -70,6 +70,37 @@ class Arrays:
 
 
 @dataclasses.dataclass(frozen=True)
+class InMemoryTrain:
+    """The training split held as tensors, for input gathered inside the compiled step loop.
+
+    ``order(epoch)`` is the permutation of ``range(len(images))`` that epoch ``epoch`` reads:
+    the very order ``Datasets.train_from`` yields, so both input paths train on the same
+    batches (see ``Trainer``: in-graph input).
+
+    Attributes:
+      images: ``(N, ...)`` uint8 or float tensor, converted with :func:`to_float` per batch.
+      labels: ``(N, ...)`` tensor.
+      seed: the data-order seed.
+    """
+
+    images: tf.Tensor
+    labels: tf.Tensor
+    seed: int
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+    def order(self, epoch: tf.Tensor) -> tf.Tensor:
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(self.size, dtype=tf.int64),
+            seed=tf.stack([tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)]))
+
+    def batch(self, indices: tf.Tensor):
+        return to_float(tf.gather(self.images, indices)), tf.gather(self.labels, indices)
+
+
+@dataclasses.dataclass(frozen=True)
 class Datasets:
     """The pipelines a Trainer consumes.
 
@@ -96,6 +127,7 @@ class Datasets:
     num_test: int
     source: str
     train_from: Optional[Callable[[int], tf.data.Dataset]] = None
+    in_memory: Optional[InMemoryTrain] = None
 
     def map_train(self, fn: Callable) -> "Datasets":
         """The same datasets with ``fn`` applied to every training batch.
@@ -106,7 +138,8 @@ class Datasets:
         """
         train_from = None if self.train_from is None else (
             lambda skip: self.train_from(skip).map(fn))
-        return dataclasses.replace(self, train=self.train.map(fn), train_from=train_from)
+        return dataclasses.replace(self, train=self.train.map(fn), train_from=train_from,
+                                   in_memory=None)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -382,18 +415,13 @@ def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, s
             f"batch_size {batch_size} is larger than the {n_train} training examples of "
             f"{arrays.source} left after --validation_split={validation_split} holds out "
             f"{n_val}; lower --batch_size or --validation_split")
-    x_train = tf.constant(arrays.x_train[:n_train])
-    y_train = tf.constant(arrays.y_train[:n_train])
-
-    def gather(indices):
-        return to_float(tf.gather(x_train, indices)), tf.gather(y_train, indices)
+    in_memory = InMemoryTrain(images=tf.constant(arrays.x_train[:n_train]),
+                              labels=tf.constant(arrays.y_train[:n_train]), seed=seed)
 
     def epoch_order(epoch):
         # A fresh permutation per epoch from (seed, epoch): the order is a pure function of
         # the position, so a resumed run can rebuild it without saving iterator state.
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n_train, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.data.Dataset.from_tensor_slices(order)
+        return tf.data.Dataset.from_tensor_slices(in_memory.order(epoch))
 
     def train_from(examples_seen: int) -> tf.data.Dataset:
         first_epoch, offset = divmod(int(examples_seen), n_train)
@@ -401,14 +429,14 @@ def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, s
                 .flat_map(epoch_order)
                 .skip(offset)
                 .batch(batch_size, drop_remainder=True)
-                .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .map(in_memory.batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                 .prefetch(tf.data.AUTOTUNE))
 
     validation = None
     if n_val:
         validation = _finite(arrays.x_train[n_train:], arrays.y_train[n_train:], batch_size)
     return Datasets(
-        train=train_from(0), train_from=train_from, validation=validation,
+        train=train_from(0), train_from=train_from, in_memory=in_memory, validation=validation,
         test=_finite(arrays.x_test, arrays.y_test, batch_size),
         steps_per_epoch=n_train // batch_size, input_shape=arrays.input_shape,
         num_classes=arrays.num_classes, num_train=n_train, num_validation=n_val,
