@@ -9,12 +9,20 @@ ARGS ?=
 
 .PHONY: setup run test test-tf215 benchmark clean
 
-setup: $(VENV)/.installed $(FMNIST) /usr/bin/mpirun /bin/ip
+setup: $(VENV)/.installed $(VENV)/.package $(FMNIST) /usr/bin/mpirun /bin/ip
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# The project itself, editable (pyproject.toml): `import trainer, models` from any folder and
+# the `mptrain` command; the requirements above are its dependencies, so --no-deps. setuptools
+# leaves its build metadata (mptrain.egg-info) in the checkout; the installed copy is in the venv.
+$(VENV)/.package: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps -e .
+	rm -rf mptrain.egg-info
 	touch $@
 
 # Debian packages: real Fashion-MNIST for offline training, Open MPI for the mpirun launch.
@@ -52,7 +60,12 @@ $(VENV215)/.installed: requirements-tf215.txt
 	$(PY215) -m pip install --quiet -r requirements-tf215.txt
 	touch $@
 
-test-tf215: $(VENV215)/.installed $(FMNIST) /usr/bin/mpirun /bin/ip
+$(VENV215)/.package: pyproject.toml $(VENV215)/.installed
+	$(PY215) -m pip install --quiet --no-deps -e .
+	rm -rf mptrain.egg-info
+	touch $@
+
+test-tf215: $(VENV215)/.installed $(VENV215)/.package $(FMNIST) /usr/bin/mpirun /bin/ip
 	$(PY215) -m pytest -q -p no:cacheprovider $(TF215_TESTS)
 
 run: setup

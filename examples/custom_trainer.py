@@ -5,13 +5,10 @@ Run it from the repository root:  python examples/custom_trainer.py
 The base class still owns compilation, loss scaling and the mixed-precision checks.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import trainer  # noqa: E402
-from trainer.compat import keras, tf  # noqa: E402
+import trainer
+from trainer.compat import keras, tf
 
 
 class SmoothedCNNTrainer(trainer.Trainer):

@@ -20,7 +20,10 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
-from trainer.compat import mixed_precision  # noqa: E402
+from tensorflow.python.framework import config as tf_config  # noqa: E402
+
+from trainer import registry  # noqa: E402
+from trainer.compat import keras, mixed_precision  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
 # TensorFlow's C++ runtime logs a few lines (absl format, e.g. "I0000 00:00:..." or
@@ -65,3 +68,30 @@ def _restore_global_policy():
     policy = mixed_precision.global_policy()
     yield
     mixed_precision.set_global_policy(policy)
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    # A Trainer with deterministic=True turns on TensorFlow's op determinism and Keras' layer
+    # RNG variables for the whole process; later tests must see the defaults again. Public
+    # TensorFlow has no way to turn op determinism off, so its own config module is used.
+    ops = tf_config.is_op_determinism_enabled()
+    rng = keras.backend.experimental.is_tf_random_generator_enabled()
+    yield
+    if tf_config.is_op_determinism_enabled() != ops:
+        (tf_config.enable_op_determinism if ops else tf_config.disable_op_determinism)()
+    if keras.backend.experimental.is_tf_random_generator_enabled() != rng:
+        (keras.backend.experimental.enable_tf_random_generator if rng
+         else keras.backend.experimental.disable_tf_random_generator)()
+
+
+@pytest.fixture
+def register_model(monkeypatch):
+    """``register_model(name)(builder)`` for one test: the name is gone again afterwards.
+
+    The registry is process-wide; a model a test registers must not be listed (or clash
+    with a name) in later tests.
+    """
+    registry.model_names()  # Load the zoo first, so the saved registry holds it.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry.register_model

@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_MODEL = "test_audit_bf16_softmax"
 
 
-@registry.register_model(BAD_MODEL)
 def bf16_softmax(*, input_shape, num_classes):
     """The tutorial's mistake: the softmax inherits the mixed policy and outputs bf16."""
     inputs = keras.Input(shape=input_shape)
@@ -29,8 +28,15 @@ def _rows(report):
     return {row.name: row for row in report.rows}
 
 
-def test_flags_a_bf16_softmax_output(capsys):
-    config = TrainConfig(model=BAD_MODEL, dataset="synthetic", policy="mixed_bfloat16")
+@pytest.fixture
+def bad_model(register_model):
+    """BAD_MODEL, registered for one test only (see conftest.register_model)."""
+    register_model(BAD_MODEL)(bf16_softmax)
+    return BAD_MODEL
+
+
+def test_flags_a_bf16_softmax_output(bad_model, capsys):
+    config = TrainConfig(model=bad_model, dataset="synthetic", policy="mixed_bfloat16")
     assert audit.run(config) == 1
     printed = capsys.readouterr().out
     last = printed.strip().splitlines()[-1]
@@ -45,9 +51,29 @@ def test_flags_a_bf16_softmax_output(capsys):
     assert not _rows(report)["logits"].flagged
 
 
-def test_same_model_passes_under_float32():
-    report = audit.audit(TrainConfig(model=BAD_MODEL, dataset="synthetic", policy="float32"))
+def test_same_model_passes_under_float32(bad_model):
+    report = audit.audit(TrainConfig(model=bad_model, dataset="synthetic", policy="float32"))
     assert report.ok and not any(row.flagged for row in report.rows)
+
+
+def test_a_model_registered_by_a_test_is_gone_afterwards():
+    # Runs after the two tests above registered BAD_MODEL: the registry is as it was.
+    assert BAD_MODEL not in registry.model_names()
+    assert {"mlp", "cnn", "resnet", "transformer"} <= set(registry.model_names())
+
+
+def test_table_columns_line_up():
+    row = audit.LayerRow("dense_with_a_long_name", "Dense", "bfloat16", "float32", "bfloat16",
+                         1290, ("!! model output in bfloat16",))
+    report = audit.AuditReport("m", "mixed_bfloat16", (row,), (("dense", "bfloat16"),))
+    lines = audit.format_table(report).splitlines()
+    assert lines[0] == ("layer                   class  compute   variables  output    params"
+                        "  notes")
+    assert lines[1] == "-" * len(lines[0])
+    assert lines[2] == ("dense_with_a_long_name  Dense  bfloat16  float32    bfloat16   1,290"
+                        "  !! model output in bfloat16")
+    assert lines[3:5] == ["-" * len(lines[0]), "1 layers, 1,290 parameters, 1 flagged (!!)"]
+    assert lines[5].startswith("audit FAILED: model 'm' output 'dense' is bfloat16")
 
 
 def test_pure_bfloat16_policy_flags_normalisation():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from trainer import compare, devices
+from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, UserError
 from trainer.trainer import Trainer
@@ -23,22 +24,31 @@ def _config(tmp_path, **overrides):
 
 
 class RecordingTrainer(Trainer):
-    """Keeps every trainer and the weights its model holds when training starts."""
+    """Records what its run really used: the weights when training starts, and the labels of
+    every batch a loss was computed on, in order (training and evaluation alike)."""
 
     made = []
 
     def __init__(self, config, **kwargs):
+        self.seen = []
         super().__init__(config, **kwargs)
         RecordingTrainer.made.append(self)
-        compiled = self.train_steps
 
-        def train_steps(n, _self=self, _compiled=compiled):
-            if not hasattr(_self, "start_weights"):
-                _self.start_weights = [w.copy() for w in _self.model.get_weights()]
-                _self.first_batch = next(iter(_self.datasets.train))[1].numpy()
-            _compiled(n)
+    def train_steps(self, num_steps, max_consecutive_skips=None):
+        if not hasattr(self, "start_weights"):
+            self.start_weights = [w.copy() for w in self.model.get_weights()]
+        super().train_steps(num_steps, max_consecutive_skips)
 
-        self.train_steps = train_steps
+    def compute_loss(self, labels, outputs):
+        # Runs inside the compiled step: py_function hands each batch's labels back to Python
+        # as the step consumes it, so this is the data the step trained on, not a re-read.
+        def record(batch_labels):
+            self.seen.append(batch_labels.numpy())
+            return 0
+
+        recorded = tf.py_function(record, [labels], tf.int32)
+        with tf.control_dependencies([recorded]):
+            return tf.identity(super().compute_loss(labels, outputs))
 
 
 def test_policies_start_from_identical_weights_and_write_three_files(tmp_path):
@@ -53,7 +63,12 @@ def test_policies_start_from_identical_weights_and_write_three_files(tmp_path):
     assert len(f32.start_weights) == len(bf16.start_weights) > 0
     for a, b in zip(f32.start_weights, bf16.start_weights):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(f32.first_batch, bf16.first_batch)
+    # The batches the two runs consumed, step by step: the same examples in the same order.
+    assert len(f32.seen) == len(bf16.seen) >= 2 * 6  # 12 training steps, then evaluations.
+    for step, (a, b) in enumerate(zip(f32.seen, bf16.seen)):
+        np.testing.assert_array_equal(a, b, err_msg=f"batch {step}")
+    # A shuffled stream, not one batch over and over: the check above can tell orders apart.
+    assert len({a.tobytes() for a in f32.seen[:12]}) == 12
     assert rows["float32"]["initial_weights_checksum"] == rows["mixed_bfloat16"]["initial_weights_checksum"]
     # Training moved both away from the start, and differently (different arithmetic).
     assert rows["float32"]["final_weights_checksum"] != rows["float32"]["initial_weights_checksum"]
@@ -116,3 +131,63 @@ def test_loss_curve_has_a_point_per_step_loop_even_with_one_loop_per_epoch(tmp_p
         assert steps == [6, 12, 18]  # 192 training examples / batch 32 = 6 steps per epoch.
         losses = [loss for _, loss in row["loss_curve"]]
         assert losses[-1] < losses[0]
+
+
+def _plot_rows():
+    """Two policies that ran (100 steps, two epochs) and one that did not: no training needed."""
+    rows = []
+    for i, policy in enumerate(("float32", "mixed_bfloat16")):
+        losses = [(step, 2.0 / (1 + 0.1 * step) + 0.05 * (-1) ** step) for step in range(1, 101)]
+        rows.append({"policy": policy, "status": "ok", "loss_per_step": losses,
+                     "ms_per_step": 4.0 - i, "speedup_vs_float32": 4.0 / (4.0 - i),
+                     "epochs": [{"epoch": 1, "ms_per_step": 9.0 - i},
+                                {"epoch": 2, "ms_per_step": 4.1 - i}]})
+    rows.append({"policy": "mixed_float16", "status": "unsupported on HPU", "loss_per_step": [],
+                 "epochs": []})
+    return rows
+
+
+def test_plot_one_colour_per_policy_per_step_curves_labels_inside():
+    from matplotlib.colors import to_rgba
+
+    figure = compare.draw_plot(_plot_rows(), "test")
+    curves, bars = figure.axes
+    by_colour = {}
+    for line in curves.lines:
+        assert len(line.get_xdata()) == 100  # One point per step, raw and smoothed alike.
+        by_colour.setdefault(to_rgba(line.get_color(), 1), []).append(line)
+    assert len(by_colour) == 2 and all(len(lines) == 2 for lines in by_colour.values())
+    assert [t.get_text() for t in curves.get_legend().get_texts()] == ["float32", "mixed_bfloat16"]
+    # The smoothed line is the moving average (window 100 // 25) of the raw one under it.
+    raw, smoothed = curves.lines[0].get_ydata(), curves.lines[1].get_ydata()
+    assert smoothed[-1] == pytest.approx(np.mean(raw[-4:]))
+    assert smoothed[0] == raw[0] and np.std(np.diff(smoothed)) < np.std(np.diff(raw)) / 3
+    # Bars: the same colour as the policy's curves, the table's ms/step as height.
+    patches = bars.patches
+    assert [p.get_height() for p in patches] == [4.0, 3.0, 0.0]
+    for patch, line in zip(patches[:2], (curves.lines[0], curves.lines[2])):
+        assert to_rgba(patch.get_edgecolor(), 1) == to_rgba(line.get_color(), 1)
+    # Every label inside the frame.
+    low, high = bars.get_ylim()
+    for text in bars.texts:
+        assert low <= text.xy[1] < high
+    assert [t.get_text().splitlines()[0] for t in bars.texts] == ["4.00 ms", "3.00 ms", "not run"]
+    # The epoch lines' ms/step are drawn too, and the difference is explained.
+    epoch_marks = [y for line in bars.lines for y in line.get_ydata()]
+    assert sorted(epoch_marks) == pytest.approx([3.1, 4.1, 8.0, 9.0])
+    assert "the table's ms/step, after warm-up" in bars.get_xlabel()
+    assert "traces and compiles" in bars.get_xlabel()
+
+
+def test_loss_per_step_agrees_with_the_per_loop_curve(tmp_path):
+    result = compare.run(_config(tmp_path, epochs=1, steps_per_loop=3,
+                                 compare_policies="float32"))
+    row = result["rows"][0]
+    steps = [step for step, _ in row["loss_per_step"]]
+    assert steps == list(range(1, 7))
+    losses = [loss for _, loss in row["loss_per_step"]]
+    # Each step loop's mean loss is the mean of its steps' losses.
+    assert [s for s, _ in row["loss_curve"]] == [3, 6]
+    assert row["loss_curve"][0][1] == pytest.approx(np.mean(losses[:3]), rel=1e-5)
+    assert row["loss_curve"][1][1] == pytest.approx(np.mean(losses[3:]), rel=1e-5)
+    assert all(e["ms_per_step"] > 0 for e in row["epochs"])

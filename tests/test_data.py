@@ -410,3 +410,191 @@ def test_map_train_changes_train_and_train_from_alike():
     _, y_train = next(iter(mapped.train.skip(2)))
     np.testing.assert_array_equal(y_from.numpy(), 9 - y_base.numpy())
     np.testing.assert_array_equal(y_train.numpy(), y_from.numpy())
+
+
+# ---------------------------------------------------------------- your own data: from_arrays
+
+
+def _images(n, seed=0, shape=(6, 6, 1)):
+    return np.random.default_rng(seed).random((n,) + shape, dtype=np.float32)
+
+
+def test_from_arrays_class_ids_match_the_built_in_pipeline():
+    arrays = data.load_arrays("synthetic", seed=2, synthetic_examples=96)
+    built_in = data.make_datasets(arrays, batch_size=16, validation_split=0.25, seed=5)
+    mine = data.from_arrays(arrays.x_train, arrays.y_train.astype(np.int64), arrays.x_test,
+                            arrays.y_test.astype(np.uint8), num_classes=10, batch_size=16,
+                            validation_split=0.25, seed=5, source="my arrays")
+    assert (mine.num_train, mine.num_validation, mine.num_test, mine.source) == (
+        72, 24, 24, "my arrays")
+    assert mine.train.element_spec[1].dtype == tf.int32  # int64/uint8 ids become int32.
+    for (xa, ya), (xb, yb) in zip(built_in.train_from(40).take(3), mine.train_from(40).take(3)):
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+def test_from_arrays_float_image_targets_exact_resume_and_in_memory_order():
+    x = (_images(40, seed=1) * 255).astype(np.uint8)
+    targets = _images(40, seed=2, shape=(6, 6, 2)).astype(np.float64)  # Any shape; -> float32.
+    ds = data.from_arrays(x, targets, x[:5], targets[:5], batch_size=8, validation_split=0.2,
+                          seed=3)
+    assert ds.num_classes == 0 and (ds.num_train, ds.num_validation) == (32, 8)
+    assert ds.train.element_spec[1].dtype == tf.float32
+    assert ds.train.element_spec[1].shape.as_list() == [8, 6, 6, 2]
+    stream = [(a.numpy(), b.numpy()) for a, b in ds.train.take(9)]  # Two epochs and a bit.
+    # train_from(n) is train with n examples skipped, across an epoch boundary.
+    for skip in (8, 24, 32, 40):
+        for (xa, ya), (xb, yb) in zip(stream[skip // 8:], ds.train_from(skip).take(3)):
+            np.testing.assert_array_equal(xa, xb.numpy())
+            np.testing.assert_array_equal(ya, yb.numpy())
+    # The in-memory copy gathers the very same batches from its epoch order.
+    for epoch in (0, 1):
+        order = ds.in_memory.order(epoch).numpy()
+        for i in range(4):
+            images, labels = ds.in_memory.batch(tf.constant(order[8 * i: 8 * i + 8]))
+            np.testing.assert_array_equal(images.numpy(), stream[4 * epoch + i][0])
+            np.testing.assert_array_equal(labels.numpy(), stream[4 * epoch + i][1])
+    first = ds.in_memory.order(0).numpy()[:8]
+    np.testing.assert_allclose(stream[0][0], x[first] / 255.0, rtol=1e-6)  # uint8 scaled.
+    np.testing.assert_array_equal(stream[0][1], targets[first].astype(np.float32))  # As given.
+    # Validation: the last 8 training examples, targets as given, weights 1.
+    (vx, vy, vw), = [tuple(t.numpy() for t in b) for b in ds.validation]
+    np.testing.assert_array_equal(vy, targets[32:].astype(np.float32))
+    np.testing.assert_array_equal(vw, np.ones(8))
+
+
+@pytest.mark.parametrize("y_train, y_test, num_classes, message", [
+    (np.arange(16) % 3, np.arange(4) % 3, None,
+     r"^y_train of arrays holds integer class ids, so from_arrays needs num_classes"),
+    (np.arange(16) % 3, np.array([0, 1, 5, 2]), 3,
+     r"^y_test of arrays: label 5 at index 2 is outside \[0, 3\); fix the arrays or num_classes$"),
+    (np.where(np.arange(16) == 7, np.nan, 0.5), np.zeros(4), None,
+     r"^y_train of arrays: target nan at index 7 is not finite; fix the arrays"),
+    (np.zeros((16, 2)), np.full((4, 2), 1e39), None,  # float64 beyond float32: inf.
+     r"^y_test of arrays: target inf at index 0 is not finite"),
+    (np.zeros(16, bool), np.zeros(4, bool), None,
+     r"^y_train of arrays holds bool targets; targets must be integer class ids or floating"),
+    (np.zeros(16), np.zeros(4, np.int32), 2,
+     r"^y_test of arrays holds int32 targets of shape scalar but y_train of arrays holds float32"),
+    (np.zeros(15), np.zeros(4), None, r"^x_train of arrays holds 16 images but y_train of "),
+])
+def test_from_arrays_refuses_bad_targets_in_one_line(y_train, y_test, num_classes, message):
+    x = _images(16)
+    with pytest.raises(UserError, match=message) as info:
+        data.from_arrays(x, y_train, x[:4], y_test, batch_size=4, num_classes=num_classes)
+    assert "\n" not in str(info.value)
+
+
+def test_from_arrays_refuses_bad_settings():
+    x, y = _images(16), np.zeros(16, np.float32)
+    with pytest.raises(UserError, match="batch_size must be a positive integer"):
+        data.from_arrays(x, y, x, y, batch_size=0)
+    with pytest.raises(UserError, match=r"validation_split must be in \[0, 1\)"):
+        data.from_arrays(x, y, x, y, batch_size=4, validation_split=1.0)
+    with pytest.raises(UserError, match=r"x_train of arrays has shape \(16,\)"):
+        data.from_arrays(np.zeros(16, np.float32), y, x, y, batch_size=4)
+    with pytest.raises(UserError, match="batch_size 32 is larger than the 16 training examples"):
+        data.from_arrays(x, y, x, y, batch_size=32)
+
+
+def _regression_trainer(config):
+    """A Trainer on float targets of shape [3] given through from_arrays."""
+    from trainer.compat import keras
+    from trainer.trainer import Trainer
+
+    x = np.random.default_rng(0).random((64, 4, 4, 1), dtype=np.float32)
+    y = x.reshape(64, -1)[:, :3] * 2.0 - 1.0
+
+    class RegressionTrainer(Trainer):
+        def build_datasets(self):
+            return data.from_arrays(x, y, x[:16], y[:16], batch_size=self.config.batch_size,
+                                    seed=self.config.seed, source="regression arrays")
+
+        def build_model(self):
+            inputs = keras.Input(self.datasets.input_shape)
+            hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Flatten()(inputs))
+            return keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(hidden))
+
+        def compute_loss(self, targets, outputs):
+            return tf.reduce_mean(tf.square(outputs - targets), axis=1)
+
+        def build_metrics(self):
+            return {}
+
+        def update_metrics(self, metrics, labels, outputs):
+            pass
+
+    return RegressionTrainer(config)
+
+
+def test_from_arrays_trainer_resumes_exactly(tmp_path):
+    """4 + 2 steps with a checkpoint in between equal 6 steps straight (float targets)."""
+    from conftest import small_config
+
+    config = small_config(batch_size=16, steps_per_loop=4, epochs=2, policy="float32")
+    straight = _regression_trainer(config)
+    straight.train_steps(6)  # 1.5 epochs: the resume point lies inside the second epoch.
+    first = _regression_trainer(config)
+    first.train_steps(4)
+    path = tf.train.Checkpoint(**first.checkpoint_items()).write(str(tmp_path / "ckpt"))
+    resumed = _regression_trainer(config)
+    tf.train.Checkpoint(**resumed.checkpoint_items()).read(path).assert_consumed()
+    assert int(resumed.global_step.numpy()) == 4
+    resumed.train_steps(2)
+    for a, b in zip(straight.model.weights, resumed.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # And the regression learned: the test MSE is below that of the initial weights.
+    untrained = _regression_trainer(config).evaluate(straight.datasets.test)["loss"]
+    assert straight.evaluate(straight.datasets.test)["loss"] < untrained
+
+
+# ---------------------------------------------------------------- ready pipelines: from_datasets
+
+
+def _pipeline(seed=7):
+    x = _images(48, seed=4)
+    y = (np.arange(48) % 3).astype(np.int32)
+    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(48, seed=seed).repeat() \
+        .batch(8, drop_remainder=True)
+
+
+def _test_set():
+    return tf.data.Dataset.from_tensor_slices((_images(13, seed=5),
+                                               np.zeros(13, np.int32))).batch(5)
+
+
+def test_from_datasets_rebuilds_and_skips_on_resume(capsys):
+    ds = data.from_datasets(train=_pipeline, test=_test_set(), steps_per_epoch=6,
+                            num_classes=3, source="my pipeline")
+    assert (ds.num_train, ds.num_test, ds.num_validation, ds.input_shape) == (48, 13, 0, (6, 6, 1))
+    assert ds.in_memory is None
+    # Evaluation batches are full and padded: 13 real examples in two batches of 8.
+    weights = np.concatenate([b[2].numpy() for b in ds.test])
+    np.testing.assert_array_equal(weights, [1.0] * 13 + [0.0] * 3)
+    stream = [y.numpy() for _, y in ds.train.take(10)]
+    resumed = [y.numpy() for _, y in ds.train_from(56).take(3)]  # 7 batches in.
+    for a, b in zip(stream[7:], resumed):
+        np.testing.assert_array_equal(a, b)
+    assert "note: resuming the training pipeline by reading and skipping 7 batches" in \
+        capsys.readouterr().out
+
+
+def test_from_datasets_refuses_what_it_cannot_resume_or_run():
+    x, y = _images(16), np.zeros(16, np.int32)
+    unseeded = lambda: tf.data.Dataset.from_tensor_slices((x, y)).shuffle(16).repeat() \
+        .batch(4, drop_remainder=True)  # noqa: E731
+    with pytest.raises(UserError, match=r"two builds of train start with different batches "
+                                        r"\(an unseeded shuffle\?\)"):
+        data.from_datasets(train=unseeded, test=_test_set(), steps_per_epoch=4)
+    # A Dataset object cannot be rebuilt: training from step 0 is fine, a resume is refused.
+    ds = data.from_datasets(train=_pipeline(), test=_test_set(), steps_per_epoch=6)
+    assert ds.train_from(0) is ds.train
+    with pytest.raises(UserError, match=r"^cannot resume at example 16: from_datasets got a "
+                                        r"tf.data.Dataset"):
+        ds.train_from(16)
+    finite = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=True)
+    with pytest.raises(UserError, match=r"train holds 4 batches; it must repeat forever"):
+        data.from_datasets(train=finite, test=_test_set(), steps_per_epoch=4)
+    ragged = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(4)
+    with pytest.raises(UserError, match="need a static batch dimension"):
+        data.from_datasets(train=ragged, test=_test_set(), steps_per_epoch=4)

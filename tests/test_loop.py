@@ -122,6 +122,34 @@ def test_non_finite_storm_stops_training():
     assert int(trainer.skipped_steps.numpy()) == int(trainer.global_step.numpy())
 
 
+class FloorTrainer(Trainer):
+    """Non-finite at steps 0-13 (the dynamic scale halves 2**15 -> 2), finite at step 14,
+    non-finite from step 15 on: that skip halves the scale to its floor of 1."""
+
+    def compute_loss(self, labels, outputs):
+        loss = super().compute_loss(labels, outputs)
+        step = self.global_step
+        poison = tf.where(tf.logical_or(step < 14, step >= 15), np.inf, 1.0)
+        return loss * tf.cast(poison, loss.dtype)
+
+
+def test_a_skip_with_the_scale_at_its_floor_stops_fit_at_that_step():
+    # The limit of 1000 skips in a row is far away (the storm at the end is one skip long):
+    # what stops the run is the floor, at the step that reached it.
+    trainer = FloorTrainer(small_config(policy="mixed_bfloat16", loss_scale="dynamic",
+                                        max_consecutive_skips=1000, synthetic_examples=1024,
+                                        steps_per_loop=32))
+    with pytest.raises(loop.TrainingStopped) as info:
+        loop.fit(trainer)
+    assert str(info.value).startswith(
+        "training stopped at step 16: gradients are non-finite with the loss scale at its "
+        "floor (1) (15 skipped in all); no checkpoint was saved.")
+    assert int(trainer.global_step.numpy()) == 16  # Not the end of the 32-step loop.
+    assert trainer.loss_scale == 1.0
+    assert int(trainer.consecutive_skips.numpy()) == 1
+    assert int(trainer.skipped_steps.numpy()) == 15
+
+
 def test_tensorboard_events_hold_the_scalars(tmp_path):
     model_dir = str(tmp_path / "run")
     app.run(small_config(model_dir=model_dir, validation_split=0.25, epochs=2))

@@ -45,10 +45,18 @@ def test_zoo_model_trains_under_policy(model, policy):
     features, _ = next(iter(trainer.datasets.train))
     assert trainer.model(features, training=False).dtype == tf.float32
 
-    before = trainer.weights_checksum()
+    before, scale = trainer.weights_checksum(), trainer.loss_scale
     trainer.train_steps(STEPS)
     assert int(trainer.global_step.numpy()) == STEPS
-    assert int(trainer.skipped_steps.numpy()) < STEPS
+    # A healthy model at the default learning rate: every step is finite and applied. The
+    # one exception is float16's start-up search for a scale (Keras starts at 2**15): the
+    # transformer's first step overflows float16 there (measured), is skipped, the scale
+    # halves once and every later step is applied. bfloat16 has float32's range: no search.
+    skipped = int(trainer.skipped_steps.numpy())
+    expected = 1 if (model, policy) == ("transformer", "mixed_float16") else 0
+    assert skipped == expected
+    assert trainer.loss_scale == scale / 2 ** skipped
+    assert int(trainer.consecutive_skips.numpy()) == 0  # The last step was applied.
     assert trainer.weights_checksum() != before
     loss = trainer.train_results()["loss"]
     assert np.isfinite(loss) and loss > 0

@@ -5,16 +5,25 @@ all of them start together in a small pool when the module's first test asks for
 """
 
 import concurrent.futures
+import dataclasses
 import gzip
 import importlib.util
+import inspect
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
+from absl import flags
 
 from conftest import ROOT, run_cli, user_stderr_lines
 from test_data import write_idx_folder
+from trainer import flags as trainer_flags
+from trainer import registry
+from trainer.config import (DEVICES, DISTRIBUTIONS, OPTIMIZERS, POLICIES, PROGRESS, SCHEDULES,
+                            TrainConfig)
 
 TINY = ["--dataset=synthetic", "--synthetic_examples=256", "--model_args=units=16",
         "--batch_size=32", "--epochs=1", "--steps_per_loop=4"]
@@ -22,10 +31,14 @@ TINY = ["--dataset=synthetic", "--synthetic_examples=256", "--model_args=units=1
 # name -> (extra args, text the error line must contain). {missing}/{truncated}/{out} are
 # filled in with temporary paths.
 BAD_INPUT = {
-    "policy": (["--policy=float16"], "unknown policy 'float16'"),
+    # Enum flags: absl's parser refuses the value before TensorFlow starts.
+    "policy": (["--policy=float16"], "--policy=float16: value should be one of <float32|"),
     "model": (["--policy=float32", "--model=resnet9000"], "unknown model 'resnet9000'"),
     "dataset": (["--policy=float32", "--dataset=cifar10"], "unknown dataset 'cifar10'"),
-    "device": (["--policy=float32", "--device=tpu"], "unknown device 'tpu'"),
+    "device": (["--policy=float32", "--device=tpu"], "--device=tpu: value should be one of"),
+    "profile_steps": (["--profile_steps=3,1", "--model_dir={out}/profile"],
+                      "profile_steps must be START,END with integers 0 <= START < END"),
+    "profile_steps_no_model_dir": (["--profile_steps=1,3"], "pass --model_dir"),
     "batch_size": (["--policy=float32", "--batch_size=0"], "--batch_size"),
     "loss_scale_negative": (["--policy=float32", "--loss_scale=-1"], "--loss_scale"),
     "loss_scale_text": (["--policy=float32", "--loss_scale=abc"], "'abc'"),
@@ -122,15 +135,115 @@ def test_good_run_prints_epochs_and_writes_metrics(results, paths):
     assert printed == pytest.approx(metrics["test_accuracy"], abs=5e-5)
 
 
-def test_helpfull_documents_every_flag():
-    source = (ROOT / "run.py").read_text()
-    names = re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source)
-    for required in ("policy", "device", "model", "dataset", "data_dir", "epochs", "batch_size",
-                     "learning_rate", "optimizer", "loss_scale", "steps_per_loop",
-                     "validation_split", "seed", "model_dir", "metrics_file"):
-        assert required in names
-    proc = run_cli("--helpfull", timeout=60)  # absl exits 1 after printing help.
+# A value unlike the default for each flag that needs more than "flip it / add one"; the
+# value the config holds when the flag text is parsed differently (model_args, loss_scale).
+NON_DEFAULT = {
+    "policy": "float32", "device": "cpu", "model": "cnn", "model_args": "units=7",
+    "dataset": "mnist", "data_dir": "{tmp}", "optimizer": "sgd", "loss_scale": "1024",
+    "model_dir": "{tmp}/run", "metrics_file": "{tmp}/m.json", "best_metric": "loss",
+    "lr_schedule": "cosine", "progress": "log", "compare_policies": "float32",
+    "export_dir": "{tmp}/export", "profile_steps": "1,2", "distribution": "none",
+    "worker_hosts": "a,b", "learning_rate": 0.5, "validation_split": 0.2, "clip_norm": 1.5,
+    "grad_accum_steps": 2,
+}
+IN_CONFIG = {"model_args": {"units": 7}, "loss_scale": 1024.0}
+NOT_FLAGS = {"verbose"}  # Library callers' switch; run.py always prints.
+
+
+def test_every_config_field_is_a_flag_and_reaches_the_config(tmp_path):
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(trainer_flags.flag_names()) == set(fields) - NOT_FLAGS
+    flag_values = flags.FlagValues()
+    trainer_flags.define_flags(flag_values)
+    flag_values(["run.py"])
+    assert trainer_flags.config_from_flags(flag_values) == TrainConfig()  # Same defaults.
+    for name in trainer_flags.flag_names():
+        default = getattr(TrainConfig(), name)
+        value = NON_DEFAULT.get(name)
+        if value is None:
+            value = (not default) if isinstance(default, bool) else default + 1
+        text = value.format(tmp=tmp_path) if isinstance(value, str) else value
+        argv = ["run.py", f"--{name}={text}"]
+        if name in ("checkpoint_every", "profile_steps", "numerics_every"):
+            argv.append(f"--model_dir={tmp_path}/run")  # They need a folder to write into.
+        flag_values.unparse_flags()
+        flag_values(argv)
+        config = trainer_flags.config_from_flags(flag_values)
+        expected = IN_CONFIG.get(name, text)
+        assert getattr(config, name) == expected != default, name
+        assert flag_values[name].help and len(flag_values[name].help) > 10, name
+
+
+def test_enum_flags_come_from_the_config_lists():
+    flag_values = flags.FlagValues()
+    trainer_flags.define_flags(flag_values)
+    for name, choices in (("policy", POLICIES), ("device", DEVICES), ("optimizer", OPTIMIZERS),
+                          ("lr_schedule", SCHEDULES), ("distribution", DISTRIBUTIONS),
+                          ("progress", PROGRESS)):
+        assert flag_values[name].parser.enum_values == list(choices), name
+    # Open registries stay text, checked by TrainConfig: models registered by user code,
+    # datasets of trainer/data.py and tfds:NAME.
+    assert not hasattr(flag_values["model"].parser, "enum_values")
+    assert not hasattr(flag_values["dataset"].parser, "enum_values")
+    flag_values(["run.py", "--dataset=tfds:mnist/3.0.1"])
+    assert trainer_flags.config_from_flags(flag_values).dataset == "tfds:mnist/3.0.1"
+
+
+def test_help_lists_models_with_their_arguments():
+    proc = run_cli("--help", timeout=120)  # absl exits 1 after printing help.
     assert "Traceback" not in proc.stderr
-    for name in names:
-        match = re.search(rf"^\s+--(\[no\])?{name}: (.+)$", proc.stdout, re.M)
-        assert match and len(match.group(2).strip()) > 5, name
+    text = " ".join(proc.stdout.split())  # absl wraps help text at 80 columns.
+    assert "mlp: units=256" in text
+    for name in registry.model_names():
+        params = inspect.signature(registry.get_model_builder(name)).parameters.values()
+        shown = ",".join(f"{p.name}={p.default}" for p in params
+                         if p.name not in ("input_shape", "num_classes"))
+        assert f"{name}: {shown}" in text, name
+    assert "fashion_mnist, mnist, synthetic, tfds:NAME[/CONFIG]" in text
+    assert "--policy: <float32|mixed_bfloat16|mixed_float16>" in text
+    for name in trainer_flags.flag_names():  # --help (not only --helpfull) shows every flag.
+        assert re.search(rf"^\s+--(\[no\])?{name}: ", proc.stdout, re.M), name
+
+
+# Our lines: the banner, data, epoch and test lines (nothing from TensorFlow's C++ start-up).
+OUR_LINES = re.compile(r"^(device: |policy: |data: |epoch \d+/\d+ - |test: )")
+QUIET_ARGS = ["--dataset=synthetic", "--synthetic_examples=256", "--epochs=1", "--batch_size=32",
+              "--validation_split=0", "--model_args=units=16"]
+
+
+def _run_plain(*args):
+    """run.py as a user runs it: no TF_CPP_MIN_LOG_LEVEL from the test environment."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_start_up_is_quiet_unless_verbose():
+    proc = _run_plain(*QUIET_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert [line for line in lines if not OUR_LINES.match(line)] == []
+    assert len([line for line in lines if line.startswith("epoch 1/1 - step 8 ")]) == 1
+    verbose = _run_plain(*QUIET_ARGS, "--verbosity=1")
+    assert verbose.returncode == 0, verbose.stderr
+    # TensorFlow's C++ log is back (e.g. the oneDNN notice or CUDA probing, INFO lines).
+    assert re.search(r"^I\d{4} [\d:.]+ +\d+ \S+:\d+\] ", verbose.stderr, re.M), verbose.stderr
+
+
+def test_installed_package_imports_from_any_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", "import trainer, models, trainer.cli; "
+         "print(trainer.__file__); print(models.__file__)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr  # `make setup` installs it (pip install -e .).
+    assert proc.stdout.split() == [str(ROOT / "trainer" / "__init__.py"),
+                                   str(ROOT / "models" / "__init__.py")]
+    # The console script is the same command as run.py: a bad value, one line, no TensorFlow.
+    script = os.path.join(os.path.dirname(sys.executable), "mptrain")
+    bad = subprocess.run([script, "--policy=float16"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        "error: flag --policy=float16: value should be one of "
+        "<float32|mixed_bfloat16|mixed_float16>; see --helpfull for the flags"]

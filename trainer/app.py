@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence, Type
 
-from trainer import checkpoint, devices, distribute, loop, registry, reporting
+from trainer import checkpoint, devices, distribute, export, loop, registry, reporting
 from trainer.actions import PeriodicAction
 from trainer.config import TrainConfig
 from trainer.errors import UserError
@@ -20,6 +20,9 @@ def main(config: TrainConfig) -> int:
     if config.audit:
         from trainer import audit
         return audit.run(config)
+    if config.numerics:
+        from trainer import numerics
+        return numerics.run(config)
     if config.compare_policies:
         from trainer import compare
         compare.run(config)
@@ -53,6 +56,8 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     reporting.check_outputs(
         metrics_file=config.metrics_file, model_dir=config.model_dir,
         model_dir_entries=(checkpoint.RUN_FILE, "checkpoints", "best", "train", "validation"))
+    if config.export_dir:
+        export.check_export_dir(config.export_dir)
     distribute.prepare(config)  # TF_CONFIG and the Gaudi card: before TensorFlow starts.
     device = devices.select_device(config.device, policy=config.policy)
     devices.check_jit_compile(device, config.jit_compile)  # 'auto' may have picked Gaudi.
@@ -69,6 +74,9 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     progress = reporting.ProgressBar(trainer.datasets.steps_per_epoch, trainer.train_metrics) \
         if mode == "bar" and verbose else None
     summaries = SummaryWriter(config.model_dir, enabled=cluster.is_chief)
+    if config.numerics_every:  # Off: no action at all, the step loops are unchanged.
+        from trainer import numerics
+        actions = [*actions, numerics.periodic_action(trainer, summaries, steps)]
     start_step = int(trainer.global_step.numpy())
     final_step = config.epochs * trainer.datasets.steps_per_epoch
     if checkpointer is not None and start_step >= final_step:
@@ -77,11 +85,15 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
                 print(f"{config.model_dir} is already at step {start_step}, the final step of "
                       f"--epochs={config.epochs}; nothing to train (pass a larger --epochs to "
                       "train further)", flush=True)
+    from trainer.profiling import StepProfiler  # --profile_steps: a trace of whole loops.
+
+    profiler = StepProfiler.from_config(config, is_chief=cluster.is_chief, step=start_step)
     try:
-        with PreemptionWatcher() as watcher:
+        with PreemptionWatcher() as watcher, profiler:
             result = loop.FitLoop(
                 trainer, lockstep=steps, checkpointer=checkpointer, summaries=summaries,
-                progress=progress, extra_actions=actions, best_metric=best_metric,
+                progress=progress, extra_actions=[*actions, *profiler.actions],
+                best_metric=best_metric,
                 on_log=reporting.print_epoch if verbose and mode != "none" else None,
                 should_stop=lambda: watcher.signal_name).run()
     finally:
@@ -106,6 +118,11 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     if cluster.num_workers > 1:  # Every worker: equal checksums show the replicas stayed in sync.
         print(distribute.worker_line(cluster, summary), flush=True)
     _check_finite_end(trainer, test, checkpointer)
+    if config.export_dir:  # Every worker: saving is a collective (trainer/export.py).
+        signature = export.export_model(trainer, config.export_dir, is_chief=cluster.is_chief)
+        with steps.chief_only() as chief:
+            if chief and verbose:
+                print(f"exported SavedModel to {config.export_dir} ({signature})", flush=True)
     return summary
 
 
@@ -175,6 +192,7 @@ def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, tes
         "device_description": device.description,
         "model": trainer.model_name,
         "dataset": config.dataset,
+        "data_source": trainer.datasets.source,  # The folder, file or arrays actually read.
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "optimizer": config.optimizer,
@@ -191,9 +209,5 @@ def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, tes
         "skipped_steps": int(trainer.skipped_steps.numpy()),
         "global_step": int(trainer.global_step.numpy()),
         "weights_checksum": trainer.weights_checksum(),
-        "history": [
-            {"epoch": h.epoch, "step": h.global_step, **h.train,
-             **{f"val_{k}": v for k, v in h.validation.items()}, "ms_per_step": h.ms_per_step}
-            for h in result.history
-        ],
+        "history": reporting.history_rows(result.history),
     }

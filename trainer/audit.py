@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
-from trainer import data, precision, registry
+from trainer import data, precision, registry, reporting
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
 
@@ -147,13 +147,7 @@ def format_table(report: AuditReport) -> str:
     header = ("layer", "class", "compute", "variables", "output", "params", "notes")
     body = [(r.name, r.cls, r.compute_dtype, r.variable_dtype, r.output_dtype, f"{r.params:,}",
              "; ".join(r.notes)) for r in report.rows]
-    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header) - 1)]
-    lines = []
-    for row in [header] + body:
-        cells = [cell.ljust(width) if i != 5 else cell.rjust(width)
-                 for i, (cell, width) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
-    lines.insert(1, "-" * len(lines[0]))
+    lines = reporting.format_table(header, body, right={5}).split("\n")
     total = sum(r.params for r in report.rows)
     flagged = sum(r.flagged for r in report.rows)
     lines.append("-" * len(lines[0]))
@@ -174,7 +168,7 @@ def verdict(report: AuditReport) -> str:
 def audit(config: TrainConfig) -> AuditReport:
     """Builds ``config.model`` under ``config.policy`` and audits it (no data is loaded)."""
     registry.check_model_args(config.model, config.model_args)
-    input_shape, num_classes = data.DATASET_SHAPES[config.dataset]
+    input_shape, num_classes = data.dataset_shapes(config.dataset, config.data_dir)
     keras.utils.set_random_seed(config.seed)
     with precision.policy_scope(config.policy):
         model = registry.build_model(config.model, input_shape=input_shape,

@@ -106,11 +106,39 @@ def _loss_curve_action(trainer: Trainer, curve: List[tuple]) -> PeriodicAction:
     return PeriodicAction(record, name="loss_curve")
 
 
+def _record_step_losses(trainer: Trainer, total_steps: int):
+    """Records each training step's mean loss, for the plot; returns a reader of ``[(step, loss)]``.
+
+    The step loop only feeds the loss metric, so this wraps the Trainer's metric update (on
+    this instance, before the first trace) to also add each step's loss sum and example count
+    into two float32 buffers indexed by the step. That adds one small scatter per step to
+    every policy alike; the numbers the metric reports are unchanged.
+    """
+    sums = tf.Variable(tf.zeros([total_steps]), trainable=False, name="step_loss_sums")
+    counts = tf.Variable(tf.zeros([total_steps]), trainable=False, name="step_loss_counts")
+    update = trainer._update_train_metrics
+
+    def update_and_record(labels, outputs, per_example):
+        update(labels, outputs, per_example)
+        index = tf.minimum(tf.cast(trainer.global_step, tf.int32), total_steps - 1)[None, None]
+        sums.scatter_nd_add(index, tf.reduce_sum(tf.cast(per_example, tf.float32))[None])
+        counts.scatter_nd_add(index, tf.cast(tf.size(per_example), tf.float32)[None])
+
+    trainer._update_train_metrics = update_and_record
+
+    def read() -> List[tuple]:
+        return [(step + 1, float(total / count)) for step, (total, count)
+                in enumerate(zip(sums.numpy(), counts.numpy())) if count > 0]
+
+    return read
+
+
 def _train_one(trainer: Trainer, initial_weights, device: devices.DeviceInfo) -> dict:
     config = trainer.config
     trainer.model.set_weights(initial_weights)
     initial_checksum = trainer.weights_checksum()
     curve: List[tuple] = []
+    step_losses = _record_step_losses(trainer, config.epochs * trainer.datasets.steps_per_epoch)
     # Memory is measured over training and testing; the dataset and weights load before.
     with PeakMemory(device) as memory:
         result = loop.fit(trainer, epochs=config.epochs, steps_per_loop=config.steps_per_loop,
@@ -133,8 +161,8 @@ def _train_one(trainer: Trainer, initial_weights, device: devices.DeviceInfo) ->
         "initial_weights_checksum": initial_checksum,
         "final_weights_checksum": trainer.weights_checksum(),
         "loss_curve": curve,
-        "epochs": [{"epoch": h.epoch, **h.train,
-                    **{f"val_{k}": v for k, v in h.validation.items()}} for h in result.history],
+        "loss_per_step": step_losses(),
+        "epochs": reporting.history_rows(result.history),
     }
 
 
@@ -178,51 +206,110 @@ def format_table(rows: List[dict]) -> str:
              _fmt(r.get("test_accuracy"), ".4f"), _fmt(r.get("test_accuracy_delta_points"), "+.2f"),
              _fmt(r.get("skipped_steps"), "d"),
              r["status"] + (f" ({r['note']})" if r.get("note") else "")) for r in rows]
-    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 9) else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in [header] + body]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return reporting.format_table(header, body, right=range(1, 9))
 
 
 def write_csv(path: str, rows: List[dict]) -> None:
     """One row per policy with the table's numbers (empty cells where a policy did not run)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with reporting.atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
-    os.replace(tmp, path)
+
+
+# One colour per policy, the same in both panels and in every comparison plot.
+POLICY_COLOURS = {"float32": "tab:blue", "mixed_bfloat16": "tab:orange",
+                  "mixed_float16": "tab:green"}
+
+
+def smooth(values: List[float], window: int) -> List[float]:
+    """Trailing moving average: point i is the mean of the last ``window`` values up to i."""
+    totals, out = [0.0], []
+    for i, value in enumerate(values):
+        totals.append(totals[-1] + value)
+        start = max(0, i + 1 - window)
+        out.append((totals[i + 1] - totals[start]) / (i + 1 - start))
+    return out
+
+
+def draw_plot(rows: List[dict], title: str):
+    """The comparison figure: loss per step (left) and ms/step (right); returns the Figure.
+
+    Left: each policy's training loss at every step (thin) and its moving average (thick),
+    in the policy's colour. Right: the table's ms/step (steady state: the first, tracing, step
+    loop excluded) as bars in the same colours, with each epoch line's ms/step as markers; the
+    first epoch's includes the tracing loop, which a note on the plot says. Every label stays
+    inside its frame.
+    """
+    import matplotlib
+    matplotlib.use("Agg")  # Files only: no display needed.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.5))
+    curves, bars = figure.subplots(1, 2)
+    colours = [POLICY_COLOURS.get(r["policy"], f"C{i + 3}") for i, r in enumerate(rows)]
+    longest = max((len(r.get("loss_per_step") or ()) for r in rows), default=0)
+    window = max(1, longest // 25)
+    for row, colour in zip(rows, colours):
+        points = row.get("loss_per_step") or []
+        if row["status"] != "ok" or not points:
+            continue
+        steps, losses = zip(*points)
+        curves.plot(steps, losses, color=colour, linewidth=0.6, alpha=0.3)
+        curves.plot(steps, smooth(list(losses), window), color=colour, linewidth=2,
+                    label=row["policy"])
+    curves.set(title="training loss per step", xlabel="step",
+               ylabel=f"loss (thin: each step; thick: mean of last {window})")
+    if curves.lines:
+        curves.legend(loc="upper right")
+    _draw_step_times(bars, rows, colours)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def _draw_step_times(axes, rows: List[dict], colours: List[str]) -> None:
+    names = [r["policy"] for r in rows]
+    heights = [r.get("ms_per_step") or 0.0 for r in rows]
+    ran = [r["status"] == "ok" for r in rows]
+    axes.bar(names, heights, color=[c if ok else "none" for c, ok in zip(colours, ran)],
+             edgecolor=colours, linewidth=1.5)
+    epoch_times = [[e["ms_per_step"] for e in r.get("epochs") or [] if e.get("ms_per_step")]
+                   for r in rows]
+    for i, times in enumerate(epoch_times):
+        if times:
+            axes.plot([i] * len(times), times, linestyle="none", marker="x", color="black",
+                      label="each epoch line" if not axes.lines else None)
+    top = max(heights + [t for times in epoch_times for t in times] + [1e-9])
+    log = top > 4 * max(max(heights), 1e-9)  # Epoch 1's tracing would squash the bars.
+    if log:
+        axes.set_yscale("log")
+        low = min([h for h in heights if h > 0] + [top]) / 3
+        axes.set_ylim(low, top * 4)
+    else:
+        axes.set_ylim(0, top * 1.45)
+    for i, (row, height) in enumerate(zip(rows, heights)):
+        speedup = row.get("speedup_vs_float32")
+        label = (f"{height:.2f} ms" + (f"\n{speedup:.2f}x" if speedup else "")) if ran[i] \
+            else "not run"
+        y = height if ran[i] else axes.get_ylim()[0] * (1.5 if log else 1)
+        axes.annotate(label, (i, y), ha="center", va="bottom", xytext=(0, 3),
+                      textcoords="offset points")
+    axes.set(title="step time (lower is faster)", ylabel="ms per step")
+    # The table and the epoch lines measure different spans: say which is which.
+    axes.set_xlabel("bars: the table's ms/step, after warm-up: every step but the first step "
+                    "loop's,\nwhich traces and compiles; x: each epoch line's ms/step, over that "
+                    "epoch's steps\n(the first epoch's include that loop)", fontsize=8)
+    if axes.lines:
+        axes.legend(loc="upper right")
 
 
 def write_plot(path: str, rows: List[dict], title: str) -> None:
-    """Loss curves per policy (left) and throughput bars (right) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")  # Files only: no display needed.
-    from matplotlib import pyplot as plt
-
-    figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
-    ran = [r for r in rows if r["status"] == "ok"]
-    for row in ran:
-        steps, losses = zip(*row["loss_curve"]) if row["loss_curve"] else ((), ())
-        curves.plot(steps, losses, marker=".", label=row["policy"])
-    curves.set(title="training loss", xlabel="step", ylabel="loss (mean over each step loop)")
-    curves.legend()
-    bars.bar([r["policy"] for r in rows], [r.get("examples_per_sec") or 0 for r in rows],
-             color=["tab:blue" if r["status"] == "ok" else "lightgray" for r in rows])
-    for i, row in enumerate(rows):
-        label = f"{row['speedup_vs_float32']:.2f}x" if row.get("speedup_vs_float32") else (
-            "" if row["status"] == "ok" else "not run")
-        bars.annotate(label, (i, row.get("examples_per_sec") or 0), ha="center", va="bottom")
-    bars.set(title="throughput (after warm-up)", ylabel="examples/s")
-    figure.suptitle(title)
-    figure.tight_layout()
-    tmp = path + ".tmp.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, path)
+    """:func:`draw_plot` as a PNG at ``path`` (written atomically)."""
+    figure = draw_plot(rows, title)
+    with reporting.atomic_write(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=100)
 
 
 def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
@@ -272,6 +359,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
             finally:
                 trainer = None  # Free this policy's model before the next one is built.
         rows.append({"policy": policy, "status": reason, "note": "", "loss_curve": [],
+                     "loss_per_step": [],
                      "epochs": []})
     _add_relative(rows)
     for row in rows:

@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST, MNIST and a synthetic stand-in, as `tf.data` pipelines.
+"""Datasets: Fashion-MNIST, MNIST, a synthetic stand-in, prepared TensorFlow Datasets
+(``tfds:NAME``) and your own arrays or pipelines, as `tf.data` pipelines.
 
 The image contract: ``uint8`` images are scaled to float32 in [0, 1]; floating-point images
 are used as given (only cast to float32), so images a user normalised already are not
@@ -8,8 +9,13 @@ tutorial's advice: preprocess in float32 and let the model's first layer cast to
 dtype). Shuffling indices rather than images keeps the shuffle buffer, and so a checkpointed
 iterator, small.
 
-Every dataset is checked when it is loaded (labels in ``[0, num_classes)``, as many labels as
-images, the same image shape in both splits), so a bad file stops the run before training.
+Every dataset is checked when it is loaded (as many targets as images, the same image shape in
+both splits; integer targets are class ids in ``[0, num_classes)``, float targets must be
+finite), so a bad file or array stops the run before training.
+
+Your own data: :func:`from_arrays` (numpy arrays in memory, any target: class ids, regression
+values, images) gives the same pipelines as the built-in datasets, exact resume included;
+:func:`from_datasets` takes ready ``tf.data`` pipelines.
 
 Evaluation batches have static shapes too: ``(features, labels, weights)``, always exactly
 ``batch_size`` examples. The last partial batch is padded with copies of its last example
@@ -46,10 +52,12 @@ IDX_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class Arrays:
-    """A dataset in memory: images (N, H, W, C) and int labels in ``[0, num_classes)``.
+    """A dataset in memory: images (N, ...) and targets (N, ...), one per image.
 
     Images are ``uint8`` (the pipeline scales them to [0, 1]) or floating point (used as
-    given, cast to float32). :func:`check_arrays` enforces this and the rest of the contract.
+    given, cast to float32). Targets (``y_*``, called labels elsewhere) are integer class ids
+    in ``[0, num_classes)`` or floating-point values of any shape (regression values, images),
+    which must be finite. :func:`check_arrays` enforces this and the rest of the contract.
 
     Attributes:
       files: optional; the file each array was read from (keys ``x_train``, ``y_train``,
@@ -86,6 +94,8 @@ class InMemoryTrain:
     images: tf.Tensor
     labels: tf.Tensor
     seed: int
+    # (train, train_from) of the Datasets built from these tensors (see in_graph_input).
+    made_for: Optional[tuple] = None
 
     @property
     def size(self) -> int:
@@ -128,6 +138,19 @@ class Datasets:
     source: str
     train_from: Optional[Callable[[int], tf.data.Dataset]] = None
     in_memory: Optional[InMemoryTrain] = None
+
+    @property
+    def in_graph_input(self) -> Optional[InMemoryTrain]:
+        """``in_memory`` while ``train`` and ``train_from`` are still the ones built from it.
+
+        A ``Datasets`` changed by ``dataclasses.replace(train=...)`` keeps ``in_memory``, but
+        reading it would bypass the new ``train``: then this is None and the Trainer reads
+        the tf.data pipeline.
+        """
+        made_for = getattr(self.in_memory, "made_for", None)
+        if made_for is None or made_for[0] is not self.train or made_for[1] is not self.train_from:
+            return None
+        return self.in_memory
 
     def map_train(self, fn: Callable) -> "Datasets":
         """The same datasets with ``fn`` applied to every training batch.
@@ -241,9 +264,10 @@ def _describe(shape: Tuple[int, ...]) -> str:
 def check_arrays(arrays: Arrays) -> Arrays:
     """Checks the contract of :class:`Arrays`; returns ``arrays`` unchanged.
 
-    Each split has as many labels as images and at least one example, images are uint8 or
-    floating point with the same shape in both splits, and every label is in
-    ``[0, num_classes)``. A bad test label would otherwise surface only after the whole
+    Each split has as many targets as images and at least one example, images are uint8 or
+    floating point with the same shape in both splits, and targets are of one kind and shape
+    in both splits: integer class ids, every one in ``[0, num_classes)``, or floating-point
+    values, every one finite. A bad test label would otherwise surface only after the whole
     training run, as a traceback from the loss (or a NaN loss on a GPU).
 
     Raises:
@@ -270,26 +294,58 @@ def check_arrays(arrays: Arrays) -> Arrays:
             raise UserError(
                 f"{x_name} holds {x.dtype} images; images must be uint8 (scaled to [0, 1]) or "
                 "floating point (used as given)")
-        outside = (y < 0) | (y >= arrays.num_classes)
-        if outside.any():
-            index = int(np.argmax(outside.reshape(len(y), -1).any(axis=1)))
-            raise UserError(
-                f"{y_name}: label {y[index]} at index {index} is outside "
-                f"[0, {arrays.num_classes}); {fix}")
+        _check_targets(y, y_name, arrays.num_classes, fix)
     train_shape, test_shape = arrays.x_train.shape[1:], arrays.x_test.shape[1:]
     if train_shape != test_shape:
         raise UserError(
             f"{name('x_test')} holds {_describe(test_shape)} images but {name('x_train')} holds "
             f"{_describe(train_shape)} images; both splits must come from one dataset")
+    y_train, y_test = arrays.y_train, arrays.y_test
+    if _target_kind(y_train) != _target_kind(y_test) or y_train.shape[1:] != y_test.shape[1:]:
+        raise UserError(
+            f"{name('y_test')} holds {y_test.dtype} targets of shape {_describe(y_test.shape[1:])} "
+            f"but {name('y_train')} holds {y_train.dtype} targets of shape "
+            f"{_describe(y_train.shape[1:])}; both splits need targets of one kind and shape")
     return arrays
+
+
+def _target_kind(y: np.ndarray) -> str:
+    """'class' for integer class ids, 'float' for values (regression, images); else ''."""
+    if np.issubdtype(y.dtype, np.integer):
+        return "class"
+    return "float" if np.issubdtype(y.dtype, np.floating) else ""
+
+
+def _check_targets(y: np.ndarray, y_name: str, num_classes: int, fix: str) -> None:
+    """Class ids in ``[0, num_classes)``, or finite floats; one line naming the first bad one."""
+    kind = _target_kind(y)
+    if not kind:
+        raise UserError(
+            f"{y_name} holds {y.dtype} targets; targets must be integer class ids or floating-"
+            "point values (cast booleans to float32)")
+    if kind == "float":
+        bad = ~np.isfinite(y)
+        if bad.any():
+            index = int(np.argmax(bad.reshape(len(y), -1).any(axis=1)))
+            value = y[index][bad[index]].flat[0] if y.ndim > 1 else y[index]
+            raise UserError(f"{y_name}: target {value} at index {index} is not finite; {fix}")
+        return
+    outside = (y < 0) | (y >= num_classes)
+    if outside.any():
+        index = int(np.argmax(outside.reshape(len(y), -1).any(axis=1)))
+        raise UserError(
+            f"{y_name}: label {y[index]} at index {index} is outside "
+            f"[0, {num_classes}); {fix}")
 
 
 def load_arrays(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
                 synthetic_examples: int = 4096) -> Arrays:
-    """Loads ``name`` ('fashion_mnist', 'mnist', 'synthetic') into memory and checks it.
+    """Loads ``name`` ('fashion_mnist', 'mnist', 'synthetic', 'tfds:NAME[/CONFIG]') and checks it.
 
     Fashion-MNIST: ``data_dir``, else Debian's copy, else the Keras cache, else a download.
     MNIST: ``data_dir`` (IDX files or mnist.npz), else the Keras cache, else a download.
+    tfds:NAME: its 'train' and 'test' splits, already prepared in ``data_dir`` (else tfds's
+    default folder); never downloads.
 
     Raises:
       UserError: naming the missing or corrupt file (see :func:`check_arrays`) and the fix.
@@ -301,6 +357,8 @@ def load_arrays(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
 def _load(name: str, *, data_dir: Optional[str], seed: int, synthetic_examples: int) -> Arrays:
     if name == "synthetic":
         return _synthetic(synthetic_examples, seed)
+    if name.startswith("tfds:"):
+        return _load_tfds(name, data_dir)
     if name == "fashion_mnist":
         if data_dir:
             return _load_idx_folder(data_dir)
@@ -315,7 +373,8 @@ def _load(name: str, *, data_dir: Optional[str], seed: int, synthetic_examples: 
         if os.path.exists(_keras_cache("mnist.npz")):
             return _load_npz(_keras_cache("mnist.npz"))
         return _download("MNIST", keras.datasets.mnist.load_data)
-    raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist or synthetic (--dataset)")
+    raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist, synthetic or "
+                    "tfds:NAME (--dataset)")
 
 
 # ---------------------------------------------------------------------------- pipelines
@@ -324,7 +383,10 @@ def _load(name: str, *, data_dir: Optional[str], seed: int, synthetic_examples: 
 def to_float(images: tf.Tensor) -> tf.Tensor:
     """The image contract: uint8 becomes float32 in [0, 1]; floating point is only cast."""
     if images.dtype == tf.uint8:
-        return tf.cast(images, tf.float32) / 255.0
+        # A multiply, not `/ 255`: graph optimisation turns that division into this multiply
+        # in a compiled step but not in a tf.data map, and the in-graph input
+        # (trainer/in_graph_input.py) must give the very same floats as the pipeline.
+        return tf.cast(images, tf.float32) * (1.0 / 255.0)
     return tf.cast(images, tf.float32)
 
 
@@ -432,12 +494,284 @@ def make_datasets(arrays: Arrays, *, batch_size: int, validation_split: float, s
                 .map(in_memory.batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                 .prefetch(tf.data.AUTOTUNE))
 
+    train = train_from(0)
     validation = None
     if n_val:
         validation = _finite(arrays.x_train[n_train:], arrays.y_train[n_train:], batch_size)
     return Datasets(
-        train=train_from(0), train_from=train_from, in_memory=in_memory, validation=validation,
+        train=train, train_from=train_from, validation=validation,
+        in_memory=dataclasses.replace(in_memory, made_for=(train, train_from)),
         test=_finite(arrays.x_test, arrays.y_test, batch_size),
         steps_per_epoch=n_train // batch_size, input_shape=arrays.input_shape,
         num_classes=arrays.num_classes, num_train=n_train, num_validation=n_val,
         num_test=len(arrays.x_test), source=arrays.source)
+
+
+# ---------------------------------------------------------------------------- your own data
+
+
+def from_arrays(x_train, y_train, x_test, y_test, *, batch_size: int,
+                validation_split: float = 0.0, seed: int = 0, num_classes: Optional[int] = None,
+                source: str = "arrays") -> Datasets:
+    """The pipelines of :func:`make_datasets` for numpy arrays you hold in memory.
+
+    Images (``x_*``, shape ``(N, ...)``) follow the image contract: uint8 is scaled to
+    [0, 1], floating point is used as given. Targets (``y_*``) may be:
+
+    - integer class ids (sparse labels): ``num_classes`` is then required and every id must
+      be in ``[0, num_classes)``; they become int32;
+    - floating-point values of any shape (regression values, images for an autoencoder):
+      they only need one per image and finite values; they become float32 (a float64 value
+      beyond float32's range is refused as not finite).
+
+    The result is what the built-in datasets give: full, shuffled training batches in an
+    order that is a pure function of (``seed``, epoch), so ``train_from`` resumes exactly; the
+    training split in memory (``in_memory``); padded evaluation batches. Under a
+    distribution strategy the pipelines are sharded like the built-in ones.
+
+    Args:
+      x_train, y_train, x_test, y_test: the splits, as numpy arrays (or array-likes).
+      batch_size: the global batch size (``config.batch_size`` in a ``build_datasets``).
+      validation_split: the last fraction of the training arrays held out for validation.
+      seed: the data-order seed (``config.seed``).
+      num_classes: the class count for integer targets; for float targets it is only
+        passed on to ``build_model`` (default 0).
+      source: what the banner and metrics file call the data.
+
+    Raises:
+      UserError: one line naming the array and the first bad index (see
+        :func:`check_arrays`), or a bad ``batch_size``/``validation_split``/``num_classes``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"from_arrays: batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(validation_split, (int, float)) or not 0 <= validation_split < 1:
+        raise UserError(f"from_arrays: validation_split must be in [0, 1), got {validation_split!r}")
+    x_train, x_test = np.asarray(x_train), np.asarray(x_test)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    for key, x in (("x_train", x_train), ("x_test", x_test)):
+        if x.ndim < 2:
+            raise UserError(f"{key} of {source} has shape {x.shape}; give the examples along the "
+                            "first axis and at least one feature axis, e.g. (N, 28, 28, 1)")
+    if _target_kind(y_train) == "class":
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise UserError(
+                f"y_train of {source} holds integer class ids, so from_arrays needs num_classes "
+                f"(a positive integer), got {num_classes!r}; pass num_classes=..., or float "
+                "targets (e.g. images / 255.0) for regression")
+    else:
+        # float32 is what the loss compares with the float32 outputs; overflow shows as inf.
+        with np.errstate(over="ignore"):
+            y_train, y_test = (y.astype(np.float32) if _target_kind(y) == "float" else y
+                               for y in (y_train, y_test))
+        num_classes = num_classes or 0
+    arrays = check_arrays(Arrays(x_train, y_train, x_test, y_test, num_classes, source))
+    if _target_kind(y_train) == "class":  # Checked in range first: a cast cannot wrap now.
+        arrays = dataclasses.replace(arrays, y_train=y_train.astype(np.int32),
+                                     y_test=y_test.astype(np.int32))
+    return make_datasets(arrays, batch_size=batch_size, validation_split=validation_split,
+                         seed=seed)
+
+
+def from_datasets(*, train, test: tf.data.Dataset, steps_per_epoch: int,
+                  validation: Optional[tf.data.Dataset] = None, num_classes: int = 0,
+                  source: str = "tf.data pipelines") -> Datasets:
+    """Datasets from ready ``tf.data`` pipelines (files, generators, your own preprocessing).
+
+    The training pipeline yields ``(features, targets)`` batches of the global batch size with
+    a static batch dimension (``batch(B, drop_remainder=True)``) and repeats forever; the batch
+    size is read from it. ``validation`` and ``test`` are finite, batched any way; they are
+    re-batched to full, padded batches (:func:`full_batches`) and read once here to count
+    their examples.
+
+    Exact resume depends on what ``train`` is:
+
+    - a function that builds the pipeline (``train=lambda: make_train(seed)``): a resumed run
+      builds it afresh and skips the batches already trained on, reading and discarding them
+      (a long run resumes slowly; a ``note:`` line says so). That is exact only when every
+      build yields the same stream, which is checked here: two builds must start with the
+      same batch (an unseeded ``shuffle`` fails this; give it ``seed=``).
+    - a ``tf.data.Dataset``: it cannot be rebuilt, so a resume (a ``--model_dir`` holding a
+      checkpoint past step 0) is refused with one line instead of silently restarting or
+      reordering the stream.
+
+    Raises:
+      UserError: one line for a pipeline that breaks these rules.
+    """
+    build = train if callable(train) else None
+    train = build() if build else train
+    spec = train.element_spec
+    if not isinstance(spec, tuple) or len(spec) != 2:
+        raise UserError(f"from_datasets: train must yield (features, targets) batches; it yields "
+                        f"{spec}")
+    batch_dims = {s.shape[0] if s.shape.rank else None for s in tf.nest.flatten(spec)}
+    batch = batch_dims.pop() if len(batch_dims) == 1 else None
+    if batch is None:
+        raise UserError("from_datasets: train's batches need a static batch dimension; batch it "
+                        "with .batch(batch_size, drop_remainder=True)")
+    if train.cardinality() >= 0:
+        raise UserError(f"from_datasets: train holds {int(train.cardinality())} batches; it must "
+                        "repeat forever (add .repeat()): the loop runs epochs x steps_per_epoch "
+                        "steps")
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or \
+            steps_per_epoch < 1:
+        raise UserError(f"from_datasets: steps_per_epoch must be a positive integer, got "
+                        f"{steps_per_epoch!r}")
+    features = tf.nest.flatten(spec[0])[0]
+    if not features.shape[1:].is_fully_defined():
+        raise UserError(f"from_datasets: train's features have shape {features.shape}; every "
+                        "dimension but the batch must be known")
+
+    def finite(name, dataset):
+        try:
+            full = full_batches(dataset, batch)
+        except ValueError as error:
+            raise UserError(f"from_datasets: {name}: {error}") from None
+        count = int(full.reduce(tf.constant(0.0), lambda n, b: n + tf.reduce_sum(b[2])))
+        return full, count
+
+    test, num_test = finite("test", test)
+    validation, num_validation = finite("validation", validation) if validation is not None \
+        else (None, 0)
+    if build:
+        _check_repeatable(build)
+    return Datasets(
+        train=train, validation=validation, test=test, steps_per_epoch=steps_per_epoch,
+        input_shape=tuple(features.shape[1:].as_list()), num_classes=num_classes,
+        num_train=steps_per_epoch * batch, num_validation=num_validation, num_test=num_test,
+        source=source, train_from=_pipeline_from(train, build, batch))
+
+
+def _check_repeatable(build: Callable[[], tf.data.Dataset]) -> None:
+    first, second = (next(iter(build())) for _ in range(2))
+    same = all(bool(tf.reduce_all(a == b)) for a, b in
+               zip(tf.nest.flatten(first), tf.nest.flatten(second)))
+    if not same:
+        raise UserError(
+            "from_datasets: two builds of train start with different batches (an unseeded "
+            "shuffle?), so skipping batches would not resume it exactly; give its shuffle a seed "
+            "(shuffle(n, seed=S))")
+
+
+def _pipeline_from(train: tf.data.Dataset, build, batch: int):
+    """``train_from`` of :func:`from_datasets`: rebuild and skip, or refuse a resume."""
+    def train_from(seen: int) -> tf.data.Dataset:
+        if not seen:
+            return train
+        if build is None:
+            raise UserError(
+                f"cannot resume at example {seen}: from_datasets got a tf.data.Dataset, which "
+                "cannot be rebuilt to continue exactly; pass train as a function that builds the "
+                "pipeline (train=lambda: ...), or start afresh in a new --model_dir")
+        if seen % batch:
+            raise UserError(f"cannot resume a from_datasets pipeline at example {seen}: not a "
+                            f"multiple of its batch of {batch}")
+        print(f"note: resuming the training pipeline by reading and skipping {seen // batch} "
+              "batches", flush=True)
+        return build().skip(seen // batch)
+    return train_from
+
+
+# ---------------------------------------------------------------------------- TensorFlow Datasets
+
+
+def _tfds_builder(spec: str, data_dir: Optional[str]):
+    """The tfds builder of ``spec`` ('tfds:NAME' or 'tfds:NAME/CONFIG'); nothing downloads."""
+    name = spec[len("tfds:"):]
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise UserError(
+            f"--dataset={spec} reads TensorFlow Datasets, but tensorflow-datasets is not installed "
+            "in this Python environment (the TF 2.15 / Gaudi stack has none); install it (pip "
+            "install tensorflow-datasets) or use --dataset=fashion_mnist, mnist or synthetic"
+        ) from None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # noqa: BLE001 - tfds raises several types for a bad name.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--dataset={spec}: {first} (see https://www.tensorflow.org/datasets/"
+                        "catalog for the names)") from None
+    return builder
+
+
+def _not_prepared(spec: str, builder) -> UserError:
+    name = spec[len("tfds:"):]
+    levels = 3 if builder.builder_config is not None else 2  # NAME[/CONFIG]/VERSION
+    root = builder.data_dir
+    for _ in range(levels):
+        root = os.path.dirname(root)
+    return UserError(
+        f"--dataset={spec} is not prepared in {root} ({builder.data_dir} is missing) and runs "
+        f"never download; prepare it once where there is network (tfds build {name} "
+        f"--data_dir={root}) and pass --data_dir={root}")
+
+
+def _tfds_features(spec: str, builder):
+    """(image key, label key, image shape, num_classes or None) from the builder's info."""
+    keys = builder.info.supervised_keys
+    if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
+        raise UserError(
+            f"--dataset={spec} has no (input, label) supervised keys (it has {keys!r}); load it "
+            "yourself in a build_datasets override and use trainer.data.from_arrays")
+    image_key, label_key = keys
+    shape = tuple(builder.info.features[image_key].shape)
+    if not shape or None in shape:
+        raise UserError(
+            f"--dataset={spec}: its '{image_key}' feature has shape {shape}, not one fixed "
+            "shape; resize the images in a build_datasets override and use "
+            "trainer.data.from_arrays")
+    return image_key, label_key, shape, getattr(builder.info.features[label_key], "num_classes", None)
+
+
+def _tfds_split(spec: str, builder, split: str):
+    known = list(builder.info.splits.keys())
+    if known and split not in known:
+        raise UserError(f"--dataset={spec} has no '{split}' split (it has: {', '.join(known)}); "
+                        "this loader reads 'train' and 'test'")
+    try:
+        dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    except AssertionError:  # tfds: "could not find data in DIR".
+        raise _not_prepared(spec, builder) from None
+    parts = list(dataset.batch(8192).as_numpy_iterator())
+    if not parts:
+        raise UserError(f"--dataset={spec}: the '{split}' split holds no examples")
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def _load_tfds(spec: str, data_dir: Optional[str]) -> Arrays:
+    """A prepared TensorFlow Dataset, read into memory (its 'train' and 'test' splits).
+
+    The data then goes through the same in-memory pipeline as Fashion-MNIST: same image
+    contract, same epoch order, exact resume. ``source`` is the prepared folder, so the
+    resume check fingerprints its files. An unprepared dataset is found by ``as_dataset``
+    (which ``tfds.testing.mock_data`` replaces, so tests need no prepared folder).
+    """
+    builder = _tfds_builder(spec, data_dir)
+    _, _, _, num_classes = _tfds_features(spec, builder)
+    x_train, y_train = _tfds_split(spec, builder, "train")
+    x_test, y_test = _tfds_split(spec, builder, "test")
+    if _target_kind(y_train) == "class":
+        if not num_classes:
+            raise UserError(f"--dataset={spec}: its labels are integers but not a ClassLabel "
+                            "feature, so the class count is unknown; use from_arrays with "
+                            "num_classes in a build_datasets override")
+        for y, split in ((y_train, "train"), (y_test, "test")):
+            _check_targets(y, f"the {split} labels of {spec}", num_classes,
+                           "the prepared files are corrupt; prepare them again")
+        y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
+    return Arrays(x_train, y_train, x_test, y_test, num_classes or 0, builder.data_dir)
+
+
+def dataset_shapes(name: str, data_dir: Optional[str] = None) -> Tuple[Tuple[int, ...], int]:
+    """(input shape, classes) of a dataset without loading its data (for the audit).
+
+    Raises:
+      UserError: for a tfds dataset that cannot be found (see :func:`_tfds_builder`).
+    """
+    if name in DATASET_SHAPES:
+        return DATASET_SHAPES[name]
+    if not name.startswith("tfds:"):
+        raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist, synthetic or "
+                        "tfds:NAME (--dataset)")
+    _, _, shape, num_classes = _tfds_features(name, _tfds_builder(name, data_dir))
+    return shape, num_classes or 0

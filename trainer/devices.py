@@ -56,16 +56,22 @@ class DeviceInfo:
     fast_fp16: bool = False
 
 
-def _cpu_flags(cpuinfo_path: Optional[str] = None) -> set:
-    """Every instruction-set flag of the first CPU in /proc/cpuinfo (empty if unreadable)."""
+def _cpuinfo_field(key: str, cpuinfo_path: Optional[str] = None) -> Optional[str]:
+    """The value of the first CPU's ``key`` line in /proc/cpuinfo (None if absent/unreadable)."""
     try:
         with open(cpuinfo_path or CPUINFO_PATH) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags(cpuinfo_path: Optional[str] = None) -> set:
+    """Every instruction-set flag of the first CPU in /proc/cpuinfo (empty if unreadable)."""
+    return set((_cpuinfo_field("flags", cpuinfo_path) or "").split())
 
 
 def cpu_bf16_flags(cpuinfo_path: Optional[str] = None) -> list:
@@ -75,14 +81,7 @@ def cpu_bf16_flags(cpuinfo_path: Optional[str] = None) -> list:
 
 
 def _cpu_model(cpuinfo_path: Optional[str] = None) -> str:
-    try:
-        with open(cpuinfo_path or CPUINFO_PATH) as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return _cpuinfo_field("model name", cpuinfo_path) or "unknown CPU"
 
 
 def habana_available() -> bool:

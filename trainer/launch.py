@@ -29,6 +29,8 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence
 
+from trainer.worker_env import RANK_VARIABLES
+
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
@@ -56,11 +58,12 @@ def worker_env(index: int, addresses: Sequence[str], base: Optional[dict] = None
     """The environment of worker ``index`` in a localhost cluster at ``addresses``."""
     env = dict(os.environ if base is None else base)
     size = str(len(addresses))
+    # The names worker_env reads back: rank, world size, local rank, local size.
+    names = RANK_VARIABLES["trainer.launch"]
+    env.update(zip(names, (str(index), size, str(index), size)))
     env.update({
         "TF_CONFIG": json.dumps({"cluster": {"worker": list(addresses)},
                                  "task": {"type": "worker", "index": index}}),
-        "TRAINER_RANK": str(index), "TRAINER_WORLD_SIZE": size,
-        "TRAINER_LOCAL_RANK": str(index), "TRAINER_LOCAL_SIZE": size,
         "PYTHONUNBUFFERED": "1",  # Interleave workers' lines as they happen.
     })
     return env

@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 import tempfile
-from typing import Dict, Optional, Sequence
+from typing import IO, Container, Dict, Iterator, List, Optional, Sequence
 
 from trainer.errors import UserError
 
@@ -140,20 +140,28 @@ def prepare_output_file(path: str, flag: str = "--metrics_file") -> None:
     check_output_file(path, flag)
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Writes ``payload`` atomically (temp file + rename): readers never see half a file.
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Opens a temp file next to ``path``; renames it over ``path`` when the block succeeds.
 
-    A symlink at ``path`` is followed, and a failure leaves no temp file behind.
+    Readers never see half a file, a symlink at ``path`` is followed (its target is
+    replaced), the file gets a normal file's mode (``0o666`` less the umask), and a failure
+    leaves ``path`` unchanged and no temp file behind. The one way the run writes any file.
+
+    Args:
+      path: the file to write.
+      mode: ``'w'`` (text) or ``'wb'`` (bytes).
+      **open_kwargs: passed to ``os.fdopen`` (e.g. ``newline=''`` for CSV).
 
     Raises:
       OSError: the file could not be written; ``path`` is then unchanged.
     """
     real = os.path.realpath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=".tmp-",
+                               suffix=os.path.splitext(real)[1])
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode.
@@ -162,6 +170,46 @@ def write_json(path: str, payload: dict) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Writes ``payload`` as indented JSON with :func:`atomic_write`.
+
+    Raises:
+      OSError: the file could not be written; ``path`` is then unchanged.
+    """
+    with atomic_write(path) as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *,
+                 right: Container[int] = ()) -> str:
+    """Rows of text cells as a fixed-width table: header, a rule, one line per row.
+
+    Args:
+      header: the column titles.
+      rows: the cells, already formatted as strings, one sequence per row.
+      right: indices of the columns to right-align (numbers); the others are left-aligned.
+    """
+    table = [tuple(header)] + [tuple(row) for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) if i in right else cell.ljust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+             for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def history_rows(history) -> List[dict]:
+    """The training history (``loop.EpochLog`` entries) as flat JSON rows.
+
+    One row per log: ``epoch``, ``step``, the training metrics by name, the validation
+    metrics as ``val_<name>``, and ``ms_per_step``.
+    """
+    return [{"epoch": h.epoch, "step": h.global_step, **h.train,
+             **{f"val_{k}": v for k, v in h.validation.items()}, "ms_per_step": h.ms_per_step}
+            for h in history]
 
 
 def write_metrics(path: str, summary: dict, flag: str = "--metrics_file") -> None:
@@ -268,6 +316,7 @@ _VIRTUAL_FILE_SYSTEMS = ("proc", "sysfs", "cgroup", "cgroup2", "debugfs", "trace
 
 
 def warn(message: str) -> None:
+    """Prints one ``warning: message`` line on stderr: the run's one channel for warnings."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 

@@ -15,6 +15,11 @@ class SummaryWriter:
         self._writers: Dict[str, tf.summary.SummaryWriter] = {}
         self._model_dir = model_dir if enabled else None
 
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is written (a model_dir on the chief): callers skip work otherwise."""
+        return bool(self._model_dir)
+
     def scalars(self, split: str, step: int, values: Dict[str, float]) -> None:
         """Writes ``values`` under ``split`` ('train' or 'validation') at ``step``."""
         if not self._model_dir:

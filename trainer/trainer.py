@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from trainer import contracts, data, lockstep, metric_views, optimizers, precision, registry
+from trainer import (contracts, data, in_graph_input, lockstep, metric_views, optimizers,
+                     precision, registry)
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
 from trainer.loss_scale import LossScaler
@@ -103,6 +104,8 @@ class Trainer:
             self.consecutive_skips = tf.Variable(name="consecutive_skips", **counter)
         self._distributed: Dict[int, object] = {}
         self._train_iterator = None
+        self._in_graph = in_graph_input.InGraphInput.maybe(self.datasets, self.strategy,
+                                                            config.batch_size)
         self._train_loop = tf.function(self._train_loop_fn)
         self._eval_loop = tf.function(self._eval_loop_fn)
         # XLA compiles the per-replica math (forward, loss, backward); the iterator, the
@@ -265,7 +268,9 @@ class Trainer:
         lockstep.collective("train steps")  # Each step all-reduces its gradients.
         limit = self.config.max_consecutive_skips if max_consecutive_skips is None \
             else max_consecutive_skips
-        self._train_loop(self.train_iterator, tf.constant(num_steps, tf.int32),
+        # In-graph input needs no iterator: each step gathers its batch at the global step.
+        iterator = None if self._in_graph is not None else self.train_iterator
+        self._train_loop(iterator, tf.constant(num_steps, tf.int32),
                          tf.constant(limit or _NO_LIMIT, tf.int64))
 
     def evaluate(self, dataset: tf.data.Dataset) -> Dict[str, float]:
@@ -329,7 +334,9 @@ class Trainer:
         # hit the limit, not at the end of its step loop.
         step = tf.constant(0, tf.int32)
         while step < num_steps and not self._storm(max_consecutive_skips):
-            skipped = self.strategy.run(self._replica_train_step, args=(next(iterator),))
+            batch = next(iterator) if iterator is not None else self._in_graph.batch(
+                self.global_step)
+            skipped = self.strategy.run(self._replica_train_step, args=(batch,))
             # Gradients were all-reduced before the finiteness check, so every replica
             # agrees; the first local value stands for all.
             skipped = tf.cast(self.strategy.experimental_local_results(skipped)[0], tf.int64)
