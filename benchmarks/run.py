@@ -36,7 +36,11 @@ from trainer.config import TrainConfig  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 
 POLICIES = ("float32", "mixed_bfloat16")
-EXPERIMENTS = ("ours+unfused_update", "ours+jit")  # Only on the compute-bound configurations.
+# Our loop with one lever changed; on every configuration, to show what in-graph input buys.
+INPUT_BASELINE = "ours+tf.data"
+# Only on the compute-bound configurations (see OursRunner), with the policies each applies to.
+EXPERIMENTS = {"ours+unfused_update": POLICIES, "ours+jit": POLICIES,
+               "ours+cast_once": ("mixed_bfloat16",), "ours+onednn_amp": ("mixed_bfloat16",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,27 +73,60 @@ def _config(bench: Bench, policy: str, **overrides) -> TrainConfig:
                        optimizer="adam", verbose=False, **overrides)
 
 
+class PipelineTrainer(Trainer):
+    """Our Trainer reading the tf.data pipeline (the input path before in-graph input).
+
+    ``train`` is replaced by an equal pipeline, so ``Datasets.in_graph_input`` is None.
+    """
+
+    def build_datasets(self):
+        datasets = super().build_datasets()
+        return dataclasses.replace(datasets, train=datasets.train_from(0))
+
+
+_ONEDNN_AMP = {"auto_mixed_precision_onednn_bfloat16": True}
+
+
 class OursRunner:
     """Our Trainer: ``loops`` compiled calls of ``steps_per_loop`` steps each.
 
-    ``variant``: 'ours' (defaults: the optimizer update XLA-fused, ``optimizers.fuse_updates``),
-    'ours+jit' (``--jit_compile``: XLA forward/backward too) or 'ours+unfused_update' (the
-    update as Keras 2 runs it on a CPU, to show what fusing it buys).
+    ``variant``: 'ours' (the defaults: in-graph input for in-memory data, the optimizer update
+    XLA-fused), 'ours+tf.data' (the tf.data pipeline instead of in-graph input), 'ours+jit'
+    (``--jit_compile``: XLA forward/backward too), 'ours+unfused_update' (the update as Keras
+    2 runs it on a CPU), 'ours+cast_once' (benchmarks/cast_once.py) or 'ours+onednn_amp' (the
+    float32 model under TensorFlow's graph-rewrite bf16 auto-mixed-precision for oneDNN, what
+    a CPU user could switch on instead of a Keras policy; timed as a bf16 variant).
     """
 
     def __init__(self, bench: Bench, policy: str, variant: str = "ours"):
         self.bench, self.policy, self.kind = bench, policy, variant
-        self.trainer = Trainer(_config(bench, policy, jit_compile=variant == "ours+jit"))
+        if variant == "ours+onednn_amp":
+            policy = "float32"
+        cls = Trainer
+        if variant == "ours+tf.data":
+            cls = PipelineTrainer
+        elif variant == "ours+cast_once":
+            from benchmarks.cast_once import CastOnceTrainer as cls
+        self.trainer = cls(_config(bench, policy, jit_compile=variant == "ours+jit"))
         if variant == "ours+unfused_update":  # Before the first call traces the step.
             self.trainer.loss_scaler.inner_optimizer.jit_compile = False
         self.model = self.trainer.model
 
     def seconds_per_step(self, loops: int) -> float:
-        start = time.perf_counter()
-        for _ in range(loops):
-            self.trainer.train_steps(self.bench.steps_per_loop)
-        int(self.trainer.global_step.numpy())  # Wait for the last step.
-        return (time.perf_counter() - start) / (loops * self.bench.steps_per_loop)
+        amp = self.kind == "ours+onednn_amp"
+        if amp:  # A grappler option: it applies to graphs optimised while it is set.
+            tf.config.optimizer.set_experimental_options(_ONEDNN_AMP)
+        try:
+            start = time.perf_counter()
+            for _ in range(loops):
+                self.trainer.train_steps(self.bench.steps_per_loop)
+            int(self.trainer.global_step.numpy())  # Wait for the last step.
+            return (time.perf_counter() - start) / (loops * self.bench.steps_per_loop)
+        finally:
+            if amp:
+                tf.config.optimizer.set_experimental_options(
+                    {key: False for key in _ONEDNN_AMP})
+
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -143,11 +180,12 @@ def measure_bench(bench: Bench, *, rounds: int, target_s: float) -> Dict[str, di
     for policy in POLICIES:
         ours = OursRunner(bench, policy)
         data = ours.trainer.datasets.train
-        runners += [ours, FitRunner(bench, policy, data),
+        runners += [ours, OursRunner(bench, policy, INPUT_BASELINE),
+                    FitRunner(bench, policy, data),
                     FitRunner(bench, policy, data, fused_update=True)]
     if bench.compute_bound:  # Performance experiments on the configurations that need them.
-        runners += [OursRunner(bench, policy, variant) for variant in EXPERIMENTS
-                    for policy in POLICIES]
+        runners += [OursRunner(bench, policy, variant)
+                    for variant, policies in EXPERIMENTS.items() for policy in policies]
     loops = {}
     for runner in list(runners):
         try:
@@ -174,11 +212,12 @@ def measure_bench(bench: Bench, *, rounds: int, target_s: float) -> Dict[str, di
             "median_ms_per_step": 1000 * statistics.median(samples[runner]),
             "samples_ms": [1000 * s for s in samples[runner]], "flops_per_sec": step_flops / best,
             "train_flops_per_step": step_flops}
-    if bench.compute_bound:
-        for runner in runners:
-            if runner.policy == "mixed_bfloat16" and runner.kind in ("ours", "ours+unfused_update"):
-                results[f"profile/{runner.kind}/mixed_bfloat16"] = profile_ops.profile_ops(
-                    lambda runner=runner: runner.seconds_per_step(1))
+    profiled = ("ours", "ours+unfused_update", "ours+cast_once") if bench.compute_bound \
+        else ("ours",)
+    for runner in runners:
+        if runner.policy == "mixed_bfloat16" and runner.kind in profiled:
+            results[f"profile/{runner.kind}/mixed_bfloat16"] = profile_ops.profile_ops(
+                lambda runner=runner: runner.seconds_per_step(1))
     return results
 
 
@@ -197,60 +236,125 @@ def _table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def _eps(r: dict, key: str) -> float:
+    return r[key]["examples_per_sec"]
+
+
+def _speedup(r: dict, kind: str) -> float:
+    return r[f"{kind}/float32"]["ms_per_step"] / r[f"{kind}/mixed_bfloat16"]["ms_per_step"]
+
+
+def _mfu(r: dict, kind: str, policy: str, peaks: Dict[str, float]) -> float:
+    dtype = "float32" if policy == "float32" else "bfloat16"
+    return r[f"{kind}/{policy}"]["flops_per_sec"] / peaks[dtype]
+
+
+def targets(results: Dict[str, dict], peaks: Dict[str, float]) -> list:
+    """Issue 10's targets, each as (target, measured, met), from this run's numbers only."""
+    ceiling = peaks["bfloat16"] / peaks["float32"]
+    rows = []
+
+    def check(text, value, goal, shown):
+        rows.append((text, shown, "met" if value >= goal else "**missed**"))
+
+    for name, r in results.items():
+        strict = name.startswith("mlp (seed") or name.startswith("mlp wide")
+        for policy in POLICIES:
+            goal = 1.15 if strict and (name.startswith("mlp (seed") or policy != "float32") \
+                else 1.0
+            ratio = _eps(r, f"ours/{policy}") / _eps(r, f"fit+fused_update/{policy}")
+            check(f"{name}, {policy}: ours / fit+fused >= {goal:.2f}", ratio, goal,
+                  f"{ratio:.2f}")
+    seed = results.get("mlp (seed, units 256)")
+    if seed:
+        check("seed MLP: bf16 / float32 >= 1.00x", _speedup(seed, "ours"), 1.0,
+              f"{_speedup(seed, 'ours'):.2f}x")
+    for name, share in (("mlp wide (units 2048)", 0.9), ("cnn", 0.85)):
+        if name in results:
+            value = _speedup(results[name], "ours")
+            check(f"{name}: bf16 / float32 >= {share} x ceiling ({share * ceiling:.2f}x)",
+                  value, share * ceiling, f"{value:.2f}x")
+    for name, goal in (("transformer", 0.20), ("transformer wide (dim 128, mlp x4)", 0.35)):
+        if name in results:
+            value = _mfu(results[name], "ours", "mixed_bfloat16", peaks)
+            check(f"{name}: bf16 MFU >= {100 * goal:.0f}%", value, goal, f"{100 * value:.1f}%")
+    return rows
+
+
 def report(results: Dict[str, dict], peaks: Dict[str, float]) -> str:
-    """The three tables (and profiles) as Markdown."""
+    """The tables (and profiles) as Markdown."""
     a_rows, b_rows, c_rows, d_rows, profiles = [], [], [], [], []
     for name, r in results.items():
         for policy in POLICIES:
-            ours, fit, fused = (r[f"{kind}/{policy}"]["examples_per_sec"]
-                                for kind in ("ours", "fit", "fit+fused_update"))
-            a_rows.append((name, policy, f"{ours:,.0f}", f"{fit:,.0f}", f"{fused:,.0f}",
-                           f"**{ours / fit:.2f}**", f"**{ours / fused:.2f}**"))
-        ms = {key: value["ms_per_step"] for key, value in r.items() if "ms_per_step" in value}
-        speedup = {kind: ms[f"{kind}/float32"] / ms[f"{kind}/mixed_bfloat16"]
-                   for kind in ("ours", "fit", "fit+fused_update")}
+            ours, piped, fit, fused = (_eps(r, f"{kind}/{policy}") for kind in
+                                       ("ours", INPUT_BASELINE, "fit", "fit+fused_update"))
+            a_rows.append((name, policy, f"{ours:,.0f}", f"{piped:,.0f}", f"{fit:,.0f}",
+                           f"{fused:,.0f}", f"**{ours / fit:.2f}**", f"**{ours / fused:.2f}**",
+                           f"{ours / piped:.2f}"))
         b_rows.append((name, f"{r['ours/float32']['ms_per_step']:.2f}",
                        f"{r['ours/mixed_bfloat16']['ms_per_step']:.2f}",
-                       f"**{speedup['ours']:.2f}x**", f"{speedup['fit']:.2f}x",
-                       f"{speedup['fit+fused_update']:.2f}x"))
-        for policy, dtype in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
-            achieved = r[f"ours/{policy}"]["flops_per_sec"]
-            c_rows.append((name, policy, f"{r[f'ours/{policy}']['train_flops_per_step'] / 1e9:.2f}",
-                           f"{achieved / 1e9:.1f}", f"{peaks[dtype] / 1e9:.1f}",
-                           f"**{100 * achieved / peaks[dtype]:.1f}%**"))
-        for variant in ("ours",) + EXPERIMENTS:
-            if f"{variant}/float32" in r and f"{variant}/mixed_bfloat16" in r and any(
-                    f"{e}/float32" in r for e in EXPERIMENTS):
-                f32, bf16 = r[f"{variant}/float32"], r[f"{variant}/mixed_bfloat16"]
-                d_rows.append((name, variant, f"{f32['ms_per_step']:.2f}",
+                       f"**{_speedup(r, 'ours'):.2f}x**", f"{_speedup(r, 'fit'):.2f}x",
+                       f"{_speedup(r, 'fit+fused_update'):.2f}x"))
+        for policy in POLICIES:
+            dtype = "float32" if policy == "float32" else "bfloat16"
+            ours = r[f"ours/{policy}"]
+            c_rows.append((name, policy, f"{ours['train_flops_per_step'] / 1e9:.2f}",
+                           f"{ours['flops_per_sec'] / 1e9:.1f}", f"{peaks[dtype] / 1e9:.1f}",
+                           f"**{100 * _mfu(r, 'ours', policy, peaks):.1f}%**"))
+        if any(key.split("/")[0] in EXPERIMENTS for key in r):
+            default_bf16 = r["ours/mixed_bfloat16"]["ms_per_step"]
+            for variant in ("ours", INPUT_BASELINE, *EXPERIMENTS):
+                bf16 = r.get(f"{variant}/mixed_bfloat16")
+                if bf16 is None:
+                    continue
+                f32 = r.get(f"{variant}/float32")
+                d_rows.append((name, variant, f"{f32['ms_per_step']:.2f}" if f32 else "-",
                                f"{bf16['ms_per_step']:.2f}",
-                               f"{f32['ms_per_step'] / bf16['ms_per_step']:.2f}x",
-                               f"{ms['ours/mixed_bfloat16'] / bf16['ms_per_step']:.2f}x",
+                               f"{f32['ms_per_step'] / bf16['ms_per_step']:.2f}x" if f32 else "-",
+                               f"{default_bf16 / bf16['ms_per_step']:.2f}x",
                                f"{100 * bf16['flops_per_sec'] / peaks['bfloat16']:.1f}%"))
-        for variant in ("ours", "ours+unfused_update"):
-            profile = r.get(f"profile/{variant}/mixed_bfloat16")
-            if profile:
+        for key, profile in r.items():
+            if key.startswith("profile/"):
                 shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in profile.items())
-                profiles.append(f"- {name}, {variant}, mixed_bfloat16 step: {shares}")
+                profiles.append(f"- {name}, {key.split('/')[1]}, mixed_bfloat16 step: {shares}")
     parts = [
         f"Matmul peak (2048x2048, best of alternating runs): float32 {peaks['float32'] / 1e9:.1f} "
         f"GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s "
         f"(bf16/f32 ceiling {peaks['bfloat16'] / peaks['float32']:.2f}x).",
         "", "(a) Framework loop vs Keras Model.fit (examples/s, ratio > 1: ours faster)", "",
-        _table(("config", "policy", "ours", "Model.fit", "fit + fused update", "ours / fit",
-                "ours / fit+fused"), a_rows),
+        _table(("config", "policy", "ours", "ours, tf.data input", "Model.fit",
+                "fit + fused update", "ours / fit", "ours / fit+fused",
+                "in-graph input gain"), a_rows),
         "", "(b) mixed_bfloat16 vs float32 (ms/step of our loop; Model.fit's for reference)", "",
         _table(("config", "float32 ms/step", "bf16 ms/step", "speedup (ours)", "speedup (fit)",
                 "speedup (fit+fused)"), b_rows),
         "", "(c) Model-FLOP utilisation of our loop vs the measured matmul peak", "",
         _table(("config", "policy", "GFLOP/step", "achieved GFLOP/s", "peak GFLOP/s", "MFU"),
                c_rows),
-        "", "(d) Experiments on the compute-bound configurations (our loop)", "",
+        "", "(d) Levers and experiments on the compute-bound configurations (our loop)", "",
         _table(("config", "variant", "float32 ms/step", "bf16 ms/step", "bf16 speedup",
                 "bf16 vs default", "bf16 MFU"), d_rows),
         "", "Profile (share of summed op time by op type, our loop):", "", *profiles,
+        "", "Targets (issue 10), from this run:", "",
+        _table(("target", "measured", ""), targets(results, peaks)),
     ]
     return "\n".join(parts)
+
+
+def footprint_report(rows: list) -> str:
+    """Peak RSS and time to the first finished step per configuration (fresh processes)."""
+    table = []
+    for name, policy, ours, piped in rows:
+        growth = ours["peak_rss_mb"] / piped["peak_rss_mb"] - 1
+        table.append((name, policy, f"{ours['peak_rss_mb']:.0f}", f"{piped['peak_rss_mb']:.0f}",
+                      f"{100 * growth:+.1f}%", f"{ours['first_step_s']:.2f}",
+                      f"{piped['first_step_s']:.2f}"))
+    return "\n".join([
+        "(f) Peak memory and time to the first finished step (fresh process per cell; the "
+        "first step includes building the Trainer, tracing and compiling)", "",
+        _table(("config", "policy", "peak RSS MB (ours)", "peak RSS MB (tf.data input)",
+                "in-graph input RSS change", "first step s (ours)",
+                "first step s (tf.data input)"), table)])
 
 
 def main(argv=None) -> int:
@@ -258,6 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds instead of 6.")
     parser.add_argument("--models", default="", help="Only these zoo models, e.g. mlp,transformer.")
     parser.add_argument("--json", default="", help="Also write the raw results here.")
+    parser.add_argument("--footprint", action="store_true",
+                        help="Also measure peak RSS and time to the first step per configuration "
+                             "(benchmarks/footprint.py, fresh processes).")
     args = parser.parse_args(argv)
     rounds, target_s = (2, 0.3) if args.quick else (6, 0.35)
     device = devices.select_device("cpu", policy="float32")
@@ -276,11 +383,20 @@ def main(argv=None) -> int:
     later = measure_peaks(rounds)
     peaks = {k: max(peaks[k], later[k]) for k in peaks}
     print(report(results, peaks))
+    footprints = []
+    if args.footprint:
+        from benchmarks import footprint
+        for bench in benches:
+            index = BENCHES.index(bench)
+            for policy in POLICIES:
+                footprints.append((bench.name, policy, footprint.run(index, policy, "ours"),
+                                   footprint.run(index, policy, INPUT_BASELINE)))
+        print("\n" + footprint_report(footprints))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device.description, "peaks": peaks, "results": results}, f,
-                      indent=2)
+            json.dump({"device": device.description, "peaks": peaks, "results": results,
+                       "footprint": footprints}, f, indent=2)
     return 0
 
 

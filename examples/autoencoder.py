@@ -23,8 +23,10 @@ class AutoencoderTrainer(trainer.Trainer):
         arrays = data.load_arrays(config.dataset, data_dir=config.data_dir, seed=config.seed,
                                   synthetic_examples=config.synthetic_examples)
         # Inputs stay uint8 (the pipeline scales them to [0, 1]); targets are the same
-        # pixels as float32 in [0, 1], so float targets skip the class-id checks.
-        targets = [x.astype(np.float32) / np.float32(255.0) for x in (arrays.x_train, arrays.x_test)]
+        # pixels as float32, scaled by the same float32 multiply as data.to_float. Float
+        # targets skip the class-id checks.
+        targets = [x.astype(np.float32) * np.float32(1.0 / 255.0)
+                   for x in (arrays.x_train, arrays.x_test)]
         return data.from_arrays(arrays.x_train, targets[0], arrays.x_test, targets[1],
                                 batch_size=config.batch_size,
                                 validation_split=config.validation_split, seed=config.seed,

@@ -31,12 +31,20 @@ def _checkpointed_trainer(model_dir, **overrides):
     return trainer, checkpoint.Checkpointer(trainer, model_dir=str(model_dir), keep=5)
 
 
+class EarlySkipsTrainer(Trainer):
+    """Non-finite at steps 0-4: five skips halve the dynamic scale from 2**15 to 1024."""
+
+    def compute_loss(self, labels, outputs):
+        loss = super().compute_loss(labels, outputs)
+        return loss * tf.cast(tf.where(self.global_step < 5, np.inf, 1.0), loss.dtype)
+
+
 def test_loss_scale_good_steps_and_slots_survive_restore(tmp_path):
-    trainer, ckpt = _checkpointed_trainer(tmp_path, loss_scale="dynamic")
-    trainer.train_steps(5)
-    # Move the scale away from its initial value so a restore that skipped it would show.
-    trainer.optimizer._loss_scale._current_loss_scale.assign(1024.0)
-    trainer.train_steps(3)
+    trainer = EarlySkipsTrainer(small_config(loss_scale="dynamic"))
+    ckpt = checkpoint.Checkpointer(trainer, model_dir=str(tmp_path), keep=5)
+    # Five skipped steps move the scale away from its initial value, so a restore that
+    # skipped it would show; three finite ones move the good-step counter.
+    trainer.train_steps(8)
     saved = {
         "scale": trainer.loss_scale,
         "good": int(trainer.loss_scaler.good_steps),
@@ -44,7 +52,7 @@ def test_loss_scale_good_steps_and_slots_survive_restore(tmp_path):
         "slots": [v.numpy().copy() for v in trainer.optimizer.variables],
         "weights": [w.numpy().copy() for w in trainer.model.weights],
     }
-    assert saved["scale"] == 1024.0 and saved["good"] == 8 and saved["step"] == 8
+    assert saved["scale"] == 1024.0 and saved["good"] == 3 and saved["step"] == 8
     path = ckpt.save()
 
     fresh, fresh_ckpt = _checkpointed_trainer(tmp_path, loss_scale="dynamic")
@@ -117,6 +125,30 @@ def test_model_dir_of_another_run_is_refused_and_left_unchanged(tmp_path, change
     with pytest.raises(UserError, match=f"its {message}.*Nothing was changed"):
         app.run(small_config(model_dir=model_dir, **change))
     assert _folder_hashes(model_dir) == before
+
+
+def test_checkpoints_without_run_json_are_refused_and_left_unchanged(tmp_path):
+    # run.json names the model the checkpoints belong to; without it nothing says whether
+    # they fit, so the run stops instead of guessing (or starting over them).
+    model_dir = tmp_path / "run"
+    app.run(small_config(model_dir=str(model_dir)))
+    (model_dir / checkpoint.RUN_FILE).unlink()
+    before = _folder_hashes(model_dir)
+    assert any(name.startswith("checkpoints/ckpt-") for name in before)
+    with pytest.raises(UserError) as info:
+        app.run(small_config(model_dir=str(model_dir)))
+    assert str(info.value) == (f"{model_dir} holds checkpoints but no run.json, so their model "
+                               "is unknown; use a new --model_dir")
+    assert _folder_hashes(model_dir) == before
+
+
+def test_a_folder_without_run_json_or_checkpoints_is_a_fresh_start(tmp_path):
+    model_dir = tmp_path / "run"
+    (model_dir / "notes").mkdir(parents=True)  # Something else already there: fine.
+    summary = app.run(small_config(model_dir=str(model_dir)))
+    assert summary["global_step"] == 256 // 32
+    assert (model_dir / checkpoint.RUN_FILE).is_file()
+    assert (model_dir / "notes").is_dir()
 
 
 @pytest.mark.parametrize("first, then", [
@@ -265,3 +297,42 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
     assert after["global_step"] == straight["global_step"] == 5 * (8192 // 64)
     assert after["weights_checksum"] == straight["weights_checksum"]  # Bit-identical.
     assert after["test_loss"] == straight["test_loss"]
+
+
+def test_workers_that_restore_different_steps_stop_with_one_error(tmp_path):
+    # Two real workers, each started in its own folder with the same relative --model_dir:
+    # what a --model_dir on a disk the workers do not share looks like. The chief's folder
+    # holds a finished run's checkpoint (step 8), the other worker's holds nothing (step 0).
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, user_stderr_lines
+
+    flags = ["--dataset=synthetic", "--synthetic_examples=256", "--batch_size=32",
+             "--model_args=units=16", "--epochs=1", "--validation_split=0", "--device=cpu",
+             "--policy=float32", "--progress=none", "--model_dir=run"]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TRAINER_", "OMPI_", "HOROVOD_")) and k != "TF_CONFIG"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    for rank in (0, 1):
+        (tmp_path / f"w{rank}").mkdir()
+    first = subprocess.run([sys.executable, str(ROOT / "run.py"), *flags], cwd=tmp_path / "w0",
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    chief_files = _folder_hashes(tmp_path / "w0" / "run")
+    worker = f'cd "w$TRAINER_RANK" && exec "{sys.executable}" "{ROOT / "run.py"}" ' + \
+        " ".join(flags) + " --distribution=multi_worker"
+    job = subprocess.run([sys.executable, "-m", "trainer.launch", "--num_workers=2", "--grace_s=5",
+                          "--", "sh", "-c", worker], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=240, env=dict(env, PYTHONPATH=str(ROOT)))
+    assert job.returncode == 1, job.stdout[-3000:]
+    expected = ("error: the workers restored different steps from run: it must be on a file "
+                "system that every worker can read (the chief writes, all restore)")
+    # Both workers stop, each with that one line and no traceback.
+    for rank in (0, 1):
+        lines = user_stderr_lines("\n".join(line[5:] for line in job.stdout.splitlines()
+                                            if line.startswith(f"[w{rank}] ")))
+        assert expected in lines, job.stdout[-3000:]
+        assert not any("Traceback" in line for line in lines)
+    assert "resuming from" not in job.stdout  # Stopped before a step, a print or a save.
+    assert _folder_hashes(tmp_path / "w0" / "run") == chief_files

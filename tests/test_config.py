@@ -143,3 +143,43 @@ def test_jit_compile_on_hpu_is_refused_up_front():
     with pytest.raises(ConfigError, match="jit_compile.*XLA.*Gaudi.*--jit_compile"):
         TrainConfig(device="hpu", jit_compile=True)
     TrainConfig(device="cpu", jit_compile=True)  # XLA exists on the CPU and GPU.
+
+
+# The allowed values live in trainer/config.py (flags parse before TensorFlow is imported);
+# the modules that implement them must agree, so a name is never accepted by one and refused
+# by the other.
+def test_policies_match_precision():
+    from trainer import precision
+    from trainer.config import POLICIES
+
+    assert tuple(precision.POLICY_COMPUTE_DTYPES) == POLICIES
+
+
+def test_optimizers_and_schedules_match_optimizers_module():
+    from trainer import optimizers
+    from trainer.config import OPTIMIZERS, SCHEDULES
+
+    for name in OPTIMIZERS:
+        built = optimizers.build(name, 0.01)
+        assert float(built.learning_rate.numpy()) == pytest.approx(0.01), name
+    with pytest.raises(ConfigError) as info:
+        optimizers.build("lamb", 0.01)
+    assert f"choose one of: {', '.join(OPTIMIZERS)}" in str(info.value)
+    for name in SCHEDULES:
+        lr = optimizers.schedule(name, 0.5, total_steps=10, warmup_steps=0)
+        assert float(lr(0) if callable(lr) else lr) == pytest.approx(0.5), name
+    with pytest.raises(ConfigError):
+        optimizers.schedule("linear", 0.5, total_steps=10)
+
+
+def test_datasets_come_from_the_data_module():
+    from trainer import data
+    from trainer.config import dataset_names
+
+    assert dataset_names() == tuple(data.DATASET_SHAPES)
+    for name in data.DATASET_SHAPES:
+        assert TrainConfig(dataset=name).dataset == name
+    assert TrainConfig(dataset="tfds:mnist/3.0.1").dataset == "tfds:mnist/3.0.1"
+    for bad in ("cifar10", "tfds:", "Synthetic"):
+        with pytest.raises(ConfigError, match="--dataset"):
+            TrainConfig(dataset=bad)

@@ -469,7 +469,7 @@ def test_from_arrays_float_image_targets_exact_resume_and_in_memory_order():
     (np.arange(16) % 3, np.array([0, 1, 5, 2]), 3,
      r"^y_test of arrays: label 5 at index 2 is outside \[0, 3\); fix the arrays or num_classes$"),
     (np.where(np.arange(16) == 7, np.nan, 0.5), np.zeros(4), None,
-     r"^y_train of arrays: target nan at index 7 is not finite; fix the arrays"),
+     r"^y_train of arrays: target nan at index 7 is not finite; fix the arrays$"),
     (np.zeros((16, 2)), np.full((4, 2), 1e39), None,  # float64 beyond float32: inf.
      r"^y_test of arrays: target inf at index 0 is not finite"),
     (np.zeros(16, bool), np.zeros(4, bool), None,

@@ -76,6 +76,11 @@ def test_export_serves_the_trained_weights(tmp_path):
     # The exported variables are the final trained weights, not initial or stale ones.
     checksum = json.loads(metrics.read_text())["weights_checksum"]
     assert got["checksum"] == pytest.approx(checksum, rel=1e-9, abs=1e-9)
+    # The same command on the finished run, with a new folder: it exports without training.
+    again = run_cli(*SMALL_RUN, f"--export_dir={tmp_path / 'again'}", f"--model_dir={model_dir}",
+                    timeout=180)
+    assert again.returncode == 0 and "nothing to train" in again.stdout, again.stderr[-2000:]
+    assert _saved_checksum(tmp_path / "again") == pytest.approx(checksum, rel=1e-9, abs=1e-9)
 
 
 def test_nonempty_export_dir_is_refused_before_training(tmp_path):

@@ -133,21 +133,24 @@ class FloorTrainer(Trainer):
         return loss * tf.cast(poison, loss.dtype)
 
 
-def test_a_skip_with_the_scale_at_its_floor_stops_fit_at_that_step():
+def test_a_skip_with_the_scale_at_its_floor_stops_the_loop_at_that_step():
     # The limit of 1000 skips in a row is far away (the storm at the end is one skip long):
     # what stops the run is the floor, at the step that reached it.
     trainer = FloorTrainer(small_config(policy="mixed_bfloat16", loss_scale="dynamic",
-                                        max_consecutive_skips=1000, synthetic_examples=1024,
-                                        steps_per_loop=32))
-    with pytest.raises(loop.TrainingStopped) as info:
-        loop.fit(trainer)
-    assert str(info.value).startswith(
-        "training stopped at step 16: gradients are non-finite with the loss scale at its "
-        "floor (1) (15 skipped in all); no checkpoint was saved.")
-    assert int(trainer.global_step.numpy()) == 16  # Not the end of the 32-step loop.
+                                        max_consecutive_skips=1000, synthetic_examples=1024))
+    trainer.train_steps(32)  # One compiled loop: it ends at the floor, not after 32 steps.
+    assert int(trainer.global_step.numpy()) == 16
     assert trainer.loss_scale == 1.0
     assert int(trainer.consecutive_skips.numpy()) == 1
     assert int(trainer.skipped_steps.numpy()) == 15
+    trainer.train_steps(8)  # At the floor with a skip pending: not one more step.
+    assert int(trainer.global_step.numpy()) == 16
+    # What fit calls after each loop names the floor (not the limit) as the reason.
+    with pytest.raises(loop.TrainingStopped) as info:
+        loop.check_non_finite(trainer, 1000)
+    assert str(info.value).startswith(
+        "training stopped at step 16: gradients are non-finite with the loss scale at its "
+        "floor (1) (15 skipped in all); no checkpoint was saved.")
 
 
 def test_tensorboard_events_hold_the_scalars(tmp_path):

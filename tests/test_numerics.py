@@ -81,9 +81,10 @@ def test_float16_overflow_flags_exactly_that_layer():
     # The 16-bit output is inf; the next layers inherit it and say so, unflagged.
     assert boom.output_error == float("inf")
     assert "an earlier layer overflowed" in " ".join(_rows(report)["unboom"].notes)
-    # The layer before it is fine: in float32 its activations are about 1.
+    # The layer before it is fine: in float32 its activations are about 1. (Its float16 error
+    # is 3e-4 on TF 2.21 and 4e-3 on TF 2.15, whose CPU float16 matmul rounds more.)
     hidden = _rows(report)["hidden"]
-    assert hidden.headroom < 1e-3 and hidden.output_error < 1e-3 and not hidden.flagged
+    assert hidden.headroom < 1e-3 and hidden.output_error < 0.01 and not hidden.flagged
 
 
 def test_float16_underflow_flags_exactly_that_layer_and_the_recommended_scale_fixes_it():

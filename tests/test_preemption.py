@@ -6,6 +6,9 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -46,3 +49,48 @@ def test_watcher_records_the_signal_and_restores_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         assert watcher.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# A process that, like run.py, stops cleanly on the first signal, but whose clean stop hangs
+# (a save on a stuck disk, a peer that never answers): the second signal must end it.
+STUCK_STOP = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from trainer.preemption import PreemptionWatcher
+with PreemptionWatcher() as watcher:
+    print("ready", flush=True)
+    while not watcher.requested:
+        time.sleep(0.01)
+    print("stopping after", watcher.signal_name, flush=True)
+    time.sleep(120)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once(sig):
+    from tests.conftest import ROOT
+
+    process = subprocess.Popen([sys.executable, "-c", STUCK_STOP, str(ROOT)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(sig)
+        # The first signal is a request: the process carries on with its (hung) clean stop.
+        assert process.stdout.readline() == f"stopping after {signal.Signals(sig).name}\n"
+        assert process.poll() is None
+        start = time.monotonic()
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=10)
+        elapsed = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert elapsed < 5, elapsed
+    assert "finished" not in out
+    if sig == signal.SIGTERM:
+        assert process.returncode == -signal.SIGTERM  # The default action: killed by it.
+    else:
+        # Python's own SIGINT handler again: KeyboardInterrupt, which ends the process.
+        assert process.returncode != 0 and "KeyboardInterrupt" in err

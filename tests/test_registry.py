@@ -75,3 +75,17 @@ def test_var_keyword_builder_accepts_any_args():
 
     registry.register_model("flex_test")(flexible)
     registry.check_model_args("flex_test", {"anything": 1})
+
+
+def test_help_describes_every_model_with_its_argument_defaults():
+    from trainer import flags as trainer_flags
+
+    @registry.register_model("help_probe")
+    def help_probe(*, input_shape, num_classes, width: int = 3, gated: bool = False,
+                   rate: float = 0.5):
+        raise AssertionError("not built")
+
+    text = trainer_flags.describe_models()
+    assert "mlp: units=256" in text.split("; ")
+    assert "help_probe: width=3,gated=false,rate=0.5" in text.split("; ")
+    assert len(text.split("; ")) == len(registry.model_names())

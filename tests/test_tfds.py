@@ -112,3 +112,10 @@ def test_tf215_stack_without_tfds_is_one_error_line(tmp_path):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: --dataset=tfds:mnist reads TensorFlow Datasets, but "
                                "tensorflow-datasets is not installed")
+
+
+def test_images_of_varying_size_are_refused_in_one_line(tmp_path):
+    # tf_flowers' images have shape (None, None, 3): the builder's info says so, no data needed.
+    with pytest.raises(UserError, match=r"^--dataset=tfds:tf_flowers: its 'image' feature has "
+                                        r"shape \(None, None, 3\), not one fixed shape; resize"):
+        data.dataset_shapes("tfds:tf_flowers", str(tmp_path))

@@ -15,15 +15,16 @@ from trainer.errors import ConfigError
 # tests/test_config.py checks that the modules implementing them (trainer/precision.py,
 # trainer/optimizers.py) agree. They live here, not in those modules, because the flags are
 # parsed before TensorFlow is imported. Datasets and models are open registries
-# (trainer/data.py, trainer/registry.py), looked up when a value is checked.
+# (trainer/data.py, trainer/registry.py): a dataset is looked up here when checked, a model
+# when the run builds it.
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 DEVICES = ("auto", "cpu", "gpu", "hpu")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine")
-FLOAT32_MAX = 3.4028234663852886e38
-MAX_SYNTHETIC_EXAMPLES = 10_000_000
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker", "hpu")
 PROGRESS = ("auto", "bar", "log", "none")
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_SYNTHETIC_EXAMPLES = 10_000_000
 
 
 def dataset_names() -> Tuple[str, ...]:

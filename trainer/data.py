@@ -328,6 +328,7 @@ def _check_targets(y: np.ndarray, y_name: str, num_classes: int, fix: str) -> No
         if bad.any():
             index = int(np.argmax(bad.reshape(len(y), -1).any(axis=1)))
             value = y[index][bad[index]].flat[0] if y.ndim > 1 else y[index]
+            fix = fix.replace(" or num_classes", "")  # The class count plays no part here.
             raise UserError(f"{y_name}: target {value} at index {index} is not finite; {fix}")
         return
     outside = (y < 0) | (y >= num_classes)
@@ -545,7 +546,8 @@ def from_arrays(x_train, y_train, x_test, y_test, *, batch_size: int,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"from_arrays: batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(validation_split, (int, float)) or not 0 <= validation_split < 1:
-        raise UserError(f"from_arrays: validation_split must be in [0, 1), got {validation_split!r}")
+        raise UserError(
+            f"from_arrays: validation_split must be in [0, 1), got {validation_split!r}")
     x_train, x_test = np.asarray(x_train), np.asarray(x_test)
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     for key, x in (("x_train", x_train), ("x_test", x_test)):
@@ -720,7 +722,8 @@ def _tfds_features(spec: str, builder):
             f"--dataset={spec}: its '{image_key}' feature has shape {shape}, not one fixed "
             "shape; resize the images in a build_datasets override and use "
             "trainer.data.from_arrays")
-    return image_key, label_key, shape, getattr(builder.info.features[label_key], "num_classes", None)
+    num_classes = getattr(builder.info.features[label_key], "num_classes", None)
+    return image_key, label_key, shape, num_classes
 
 
 def _tfds_split(spec: str, builder, split: str):
