@@ -124,6 +124,39 @@ def test_model_dir_is_required():
         compare.run(config)
 
 
+def test_table_aligns_numbers_right_and_words_left():
+    rows = [{"policy": "float32", "status": "ok", "ms_per_step": 12.5, "examples_per_sec": 2560.0,
+             "speedup_vs_float32": 1.0, "peak_memory_mib": 40.0, "val_accuracy": 0.5,
+             "test_accuracy": 0.75, "test_accuracy_delta_points": 0.0, "skipped_steps": 0},
+            {"policy": "mixed_float16", "status": "unsupported on HPU: no float16", "note": ""}]
+    assert compare.format_table(rows).splitlines() == [
+        "policy         ms/step  examples/s  speedup  peak MiB  val acc  test acc  delta (pts)"
+        "  skipped  status",
+        "-" * 102,
+        "float32          12.50       2,560    1.00x        40   0.5000    0.7500        +0.00"
+        "        0  ok",
+        "mixed_float16        -           -        -         -        -         -            -"
+        "        -  unsupported on HPU: no float16",
+    ]
+
+
+class _Unprintable:
+    def __str__(self):
+        raise RuntimeError("cannot format")
+
+
+def test_a_failed_csv_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "comparison.csv"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError, match="cannot format"):
+        compare.write_csv(str(path), [{"policy": "float32"}, {"policy": _Unprintable()}])
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["comparison.csv"]
+    compare.write_csv(str(path), [{"policy": "float32", "status": "ok", "ms_per_step": 1.5}])
+    assert path.read_text().splitlines()[1].startswith("float32,ok,,1.5,")
+    assert os.listdir(tmp_path) == ["comparison.csv"]
+
+
 def test_loss_curve_has_a_point_per_step_loop_even_with_one_loop_per_epoch(tmp_path):
     result = compare.run(_config(tmp_path, steps_per_loop=100, epochs=3))
     for row in result["rows"]:

@@ -63,6 +63,25 @@ def test_bf16_step_gradients_match_float32():
     assert any(not np.allclose(a, b, rtol=1e-4, atol=0) for a, b in zip(got_f32, got_bf16))
 
 
+def test_deterministic_turns_op_determinism_on():
+    # Process-wide TensorFlow state; conftest._restore_determinism turns it off after the test.
+    from tensorflow.python.framework import config as tf_config
+
+    assert not tf_config.is_op_determinism_enabled()
+    Trainer(small_config(deterministic=True))
+    assert tf_config.is_op_determinism_enabled()
+    assert keras.backend.experimental.is_tf_random_generator_enabled()
+
+
+def test_op_determinism_does_not_leak_into_the_next_test():
+    # Runs after the test above in this file: a default Trainer gets TensorFlow's defaults.
+    from tensorflow.python.framework import config as tf_config
+
+    Trainer(small_config())
+    assert not tf_config.is_op_determinism_enabled()
+    assert not keras.backend.experimental.is_tf_random_generator_enabled()
+
+
 class PoisonedTrainer(Trainer):
     """Makes the loss (and so every gradient) non-finite on step ``POISON_STEP``."""
 
@@ -107,9 +126,22 @@ def test_nan_batch_is_skipped_inside_a_step_loop():
     assert all(np.all(np.isfinite(w)) for w in _weights(trainer))
 
 
+class TraceCountingTrainer(Trainer):
+    """Counts how often ``compute_loss`` runs in Python: once per trace of a compiled loop
+    (a compiled call that reuses a trace runs the graph, not this code)."""
+
+    def __init__(self, config, **kwargs):
+        self.traces = 0
+        super().__init__(config, **kwargs)
+
+    def compute_loss(self, labels, outputs):
+        self.traces += 1
+        return super().compute_loss(labels, outputs)
+
+
 def test_steps_per_loop_matches_single_steps():
-    looped = Trainer(small_config(policy="mixed_bfloat16"))
-    single = Trainer(small_config(policy="mixed_bfloat16"))
+    looped = TraceCountingTrainer(small_config(policy="mixed_bfloat16"))
+    single = TraceCountingTrainer(small_config(policy="mixed_bfloat16"))
     assert looped.weights_checksum() == single.weights_checksum()
     looped.train_steps(4)
     assert int(looped.global_step.numpy()) == 4
@@ -120,11 +152,10 @@ def test_steps_per_loop_matches_single_steps():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert looped.weights_checksum() == pytest.approx(single.weights_checksum(), rel=1e-9)
     # The step count is a tensor: different counts reuse one trace.
-    assert looped._train_loop.experimental_get_tracing_count() == 1
-    assert single._train_loop.experimental_get_tracing_count() == 1
+    assert looped.traces == single.traces == 1
     looped.train_steps(3)
     assert int(looped.global_step.numpy()) == 7
-    assert looped._train_loop.experimental_get_tracing_count() == 1
+    assert looped.traces == 1
 
 
 def test_variables_exist_before_first_trace():
@@ -138,12 +169,13 @@ def test_variables_exist_before_first_trace():
 
 
 def test_evaluate_is_compiled_once_and_matches_eager():
-    trainer = Trainer(small_config(policy="float32"))
+    trainer = TraceCountingTrainer(small_config(policy="float32"))
     trainer.train_steps(4)
+    assert trainer.traces == 1  # The train loop's one trace.
     first = trainer.evaluate(trainer.datasets.test)
     second = trainer.evaluate(trainer.datasets.test)
     assert first == second
-    assert trainer._eval_loop.experimental_get_tracing_count() == 1
+    assert trainer.traces == 2  # The eval loop's one trace: the second call reused it.
     # Eager reference over the same test split.
     losses, correct, count = [], 0, 0
     for features, labels, weights in trainer.datasets.test:
