@@ -40,7 +40,10 @@ POLICIES = ("float32", "mixed_bfloat16")
 INPUT_BASELINE = "ours+tf.data"
 # Only on the compute-bound configurations (see OursRunner), with the policies each applies to.
 EXPERIMENTS = {"ours+unfused_update": POLICIES, "ours+jit": POLICIES,
-               "ours+cast_once": ("mixed_bfloat16",), "ours+onednn_amp": ("mixed_bfloat16",)}
+               "ours+cast_once": ("mixed_bfloat16",), "ours+onednn_amp": ("mixed_bfloat16",),
+               "ours+fused_ops": POLICIES}
+# Experiments that only exist for some models.
+EXPERIMENT_MODELS = {"ours+fused_ops": ("transformer",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +55,19 @@ class Bench:
     model_args: dict
     batch_size: int
     steps_per_loop: int
-    compute_bound: bool = False
+    # Time the experiments (EXPERIMENTS) too: the compute-bound configurations (wide MLP,
+    # wide transformer) and the default transformer, whose MFU is the lowest.
+    experiments: bool = False
 
 
 BENCHES = (
     Bench("mlp (seed, units 256)", "mlp", {"units": 256}, 128, 100),
-    Bench("mlp wide (units 2048)", "mlp", {"units": 2048}, 256, 10, compute_bound=True),
+    Bench("mlp wide (units 2048)", "mlp", {"units": 2048}, 256, 10, experiments=True),
     Bench("cnn", "cnn", {}, 128, 10),
     Bench("resnet", "resnet", {}, 128, 10),
-    Bench("transformer", "transformer", {}, 128, 10),
+    Bench("transformer", "transformer", {}, 128, 10, experiments=True),
     Bench("transformer wide (dim 128, mlp x4)", "transformer",
-          {"dim": 128, "heads": 4, "mlp_ratio": 4}, 128, 5, compute_bound=True),
+          {"dim": 128, "heads": 4, "mlp_ratio": 4}, 128, 5, experiments=True),
 )
 
 
@@ -93,9 +98,10 @@ class OursRunner:
     ``variant``: 'ours' (the defaults: in-graph input for in-memory data, the optimizer update
     XLA-fused), 'ours+tf.data' (the tf.data pipeline instead of in-graph input), 'ours+jit'
     (``--jit_compile``: XLA forward/backward too), 'ours+unfused_update' (the update as Keras
-    2 runs it on a CPU), 'ours+cast_once' (benchmarks/cast_once.py) or 'ours+onednn_amp' (the
+    2 runs it on a CPU), 'ours+cast_once' (benchmarks/cast_once.py), 'ours+onednn_amp' (the
     float32 model under TensorFlow's graph-rewrite bf16 auto-mixed-precision for oneDNN, what
-    a CPU user could switch on instead of a Keras policy; timed as a bf16 variant).
+    a CPU user could switch on instead of a Keras policy; timed as a bf16 variant) or
+    'ours+fused_ops' (the transformer built with ``fused_ops=True``).
     """
 
     def __init__(self, bench: Bench, policy: str, variant: str = "ours"):
@@ -107,6 +113,8 @@ class OursRunner:
             cls = PipelineTrainer
         elif variant == "ours+cast_once":
             from benchmarks.cast_once import CastOnceTrainer as cls
+        if variant == "ours+fused_ops":  # The transformer's fused LayerNorm and tanh GELU.
+            bench = dataclasses.replace(bench, model_args={**bench.model_args, "fused_ops": True})
         self.trainer = cls(_config(bench, policy, jit_compile=variant == "ours+jit"))
         if variant == "ours+unfused_update":  # Before the first call traces the step.
             self.trainer.loss_scaler.inner_optimizer.jit_compile = False
@@ -183,9 +191,10 @@ def measure_bench(bench: Bench, *, rounds: int, target_s: float) -> Dict[str, di
         runners += [ours, OursRunner(bench, policy, INPUT_BASELINE),
                     FitRunner(bench, policy, data),
                     FitRunner(bench, policy, data, fused_update=True)]
-    if bench.compute_bound:  # Performance experiments on the configurations that need them.
+    if bench.experiments:  # Performance experiments on the configurations that need them.
         runners += [OursRunner(bench, policy, variant)
-                    for variant, policies in EXPERIMENTS.items() for policy in policies]
+                    for variant, policies in EXPERIMENTS.items() for policy in policies
+                    if bench.model in EXPERIMENT_MODELS.get(variant, (bench.model,))]
     loops = {}
     for runner in list(runners):
         try:
@@ -212,8 +221,8 @@ def measure_bench(bench: Bench, *, rounds: int, target_s: float) -> Dict[str, di
             "median_ms_per_step": 1000 * statistics.median(samples[runner]),
             "samples_ms": [1000 * s for s in samples[runner]], "flops_per_sec": step_flops / best,
             "train_flops_per_step": step_flops}
-    profiled = ("ours", "ours+unfused_update", "ours+cast_once") if bench.compute_bound \
-        else ("ours",)
+    profiled = ("ours", "ours+unfused_update", "ours+cast_once", "ours+fused_ops") \
+        if bench.experiments else ("ours",)
     for runner in runners:
         if runner.policy == "mixed_bfloat16" and runner.kind in profiled:
             results[f"profile/{runner.kind}/mixed_bfloat16"] = profile_ops.profile_ops(
@@ -331,7 +340,8 @@ def report(results: Dict[str, dict], peaks: Dict[str, float]) -> str:
         "", "(c) Model-FLOP utilisation of our loop vs the measured matmul peak", "",
         _table(("config", "policy", "GFLOP/step", "achieved GFLOP/s", "peak GFLOP/s", "MFU"),
                c_rows),
-        "", "(d) Levers and experiments on the compute-bound configurations (our loop)", "",
+        "", "(d) Levers and experiments (our loop; the compute-bound configurations and the "
+        "default transformer)", "",
         _table(("config", "variant", "float32 ms/step", "bf16 ms/step", "bf16 speedup",
                 "bf16 vs default", "bf16 MFU"), d_rows),
         "", "Profile (share of summed op time by op type, our loop):", "", *profiles,

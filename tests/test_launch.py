@@ -138,6 +138,14 @@ def test_worker_env_is_tf_config_json():
     assert env["PATH"] == "/bin" and env["TRAINER_LOCAL_SIZE"] == "2"
 
 
+def test_worker_env_reads_back_as_the_launchers_rank():
+    # What the launcher sets is what run.py's side (trainer.worker_env) reads.
+    from trainer import worker_env
+
+    env = launch.worker_env(1, ["localhost:1", "localhost:2"], base={})
+    assert worker_env.launcher_rank(env) == worker_env.Rank(1, 2, 1, 2, "trainer.launch")
+
+
 # ---------------------------------------------------------------- signals and a dying launcher
 #
 # The launcher runs as its own process here (python -m trainer.launch), the way a user or
