@@ -167,8 +167,8 @@ class TrainConfig:
         default_factory=dict, help="The model's keyword arguments, e.g. 'units=64' or "
         "'width=16,depth=3' (ints, floats, true/false, text).")
     dataset: str = _setting("fashion_mnist", "A dataset of trainer/data.py (fashion_mnist "
-                            "works offline), or tfds:NAME[/CONFIG] for a prepared TensorFlow "
-                            "Datasets set.")
+                            "works offline), or tfds:NAME[/CONFIG] for a TensorFlow Datasets "
+                            "set already prepared in --data_dir (never downloaded).")
     data_dir: Optional[str] = _setting(
         None, "Folder with the dataset files (IDX .gz, or mnist.npz; tfds: its data_dir).")
     epochs: int = _setting(8, "Passes over the training split.")
