@@ -1,6 +1,7 @@
 """Peak memory and time to the first finished step of one configuration, in a fresh process.
 
     .venv/bin/python -m benchmarks.footprint --bench=0 --policy=mixed_bfloat16 --variant=ours
+    .venv/bin/python -m benchmarks.footprint --before=/tmp/before   # make run + first step, vs a checkout
 
 Prints one JSON line: ``peak_rss_mb`` (the process's peak resident set, TensorFlow itself
 included, after ``--steps`` steps), ``first_step_s`` (building the Trainer, then its first
@@ -58,8 +59,10 @@ def run(bench_index: int, policy: str, variant: str, *, steps: int = 50,
     """Runs :func:`measure` in a fresh Python process; returns its result."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pythonpath, root) if p))
+    # The script, not `-m`: with PYTHONPATH=<older checkout> first, `benchmarks.run` and
+    # `trainer` come from that checkout (which may have no footprint.py of its own).
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.footprint", f"--bench={bench_index}",
+        [sys.executable, os.path.abspath(__file__), f"--bench={bench_index}",
          f"--policy={policy}", f"--variant={variant}", f"--steps={steps}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
     if result.returncode:
@@ -68,14 +71,42 @@ def run(bench_index: int, policy: str, variant: str, *, steps: int = 50,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def end_to_end(trees: Dict[str, str], *, rounds: int = 3,
+               args: tuple = ("--policy=mixed_bfloat16",)) -> Dict[str, float]:
+    """Best wall time of ``python run.py ARGS`` (what ``make run`` runs) in each checkout.
+
+    ``trees`` maps a label to a checkout's root (e.g. {"before": an older worktree, "after":
+    this one}); the runs alternate between them, so a busy phase of the machine hits both.
+    """
+    best = {label: float("inf") for label in trees}
+    for _ in range(rounds):
+        for label, root in trees.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, os.path.join(root, "run.py"), *args], cwd=root,
+                           capture_output=True, check=True, timeout=900)
+            best[label] = min(best[label], time.perf_counter() - start)
+    return best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", type=int, required=True, help="Index into run.BENCHES.")
-    parser.add_argument("--policy", required=True)
+    parser.add_argument("--bench", type=int, default=0, help="Index into run.BENCHES.")
+    parser.add_argument("--policy", default="mixed_bfloat16")
     parser.add_argument("--variant", default="ours")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--before", default="",
+                        help="An older checkout: compare `python run.py --policy=mixed_bfloat16` "
+                             "(make run) wall time and the first step with it instead.")
     args = parser.parse_args()
-    print(json.dumps(measure(args.bench, args.policy, args.variant, args.steps)))
+    if not args.before:
+        print(json.dumps(measure(args.bench, args.policy, args.variant, args.steps)))
+        return 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = {label: min((run(args.bench, args.policy, "ours", pythonpath=path)["first_step_s"]
+                         for _ in range(3)))
+             for label, path in (("before", args.before), ("after", root))}
+    wall = end_to_end({"before": args.before, "after": root})
+    print(json.dumps({"make_run_wall_s": wall, "first_step_s": first}))
     return 0
 
 
