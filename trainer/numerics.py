@@ -26,402 +26,36 @@ the layers it holds as attributes; a nested model counts as one layer. Dropout-l
 any depth) run as the identity in both passes, so both compute the same function;
 BatchNormalization uses batch statistics, as in training. ``build_model`` is called twice more
 to build the two copies the passes run on, so the training model's state is never touched.
+
+Where each part lives: this module runs the inspector on a Trainer (``run.py --numerics``,
+``--numerics_every``) and prints its report; ``trainer/numerics_measure.py`` computes the
+per-layer statistics and the recommendation (re-exported here), ``trainer/numerics_passes.py``
+runs the two forward and backward passes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Type
-
-import numpy as np
+from typing import Optional, Tuple, Type
 
 from trainer import devices, distribute, optimizers, precision, registry, reporting
 from trainer.actions import PeriodicAction
-from trainer.compat import keras, tf
+from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.errors import UserError
+from trainer.numerics_measure import (
+    FLUSH_TOLERANCE, HEADROOM_LIMIT, LIMITS, LOW_PRECISION, MAX_LOG2_SCALE, LayerNumerics, Limits,
+    NumericsReport, gradient_fractions, inspect, relative_error, scale_text)
 from trainer.trainer import Trainer
 
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """A floating-point format: largest finite, smallest normal and subnormal, unit roundoff."""
-
-    max: float
-    tiny: float
-    subnormal: float
-    roundoff: float
-
-    @property
-    def overflow_at(self) -> float:
-        """The smallest magnitude that rounds to infinity (max plus half its spacing)."""
-        return self.max * (1 + self.roundoff / (2 - 2 * self.roundoff))
+__all__ = [
+    "FLUSH_TOLERANCE", "HEADROOM_LIMIT", "LIMITS", "LOW_PRECISION", "MAX_LOG2_SCALE", "Inspector",
+    "LayerNumerics", "Limits", "NumericsReport", "format_report", "gradient_fractions", "inspect",
+    "periodic_action", "relative_error", "run", "verdict",
+]
 
 
-LIMITS = {
-    "float16": Limits(65504.0, 2.0 ** -14, 2.0 ** -24, 2.0 ** -11),
-    "bfloat16": Limits((2 - 2.0 ** -7) * 2.0 ** 127, 2.0 ** -126, 2.0 ** -133, 2.0 ** -8),
-    "float32": Limits((2 - 2.0 ** -23) * 2.0 ** 127, 2.0 ** -126, 2.0 ** -149, 2.0 ** -24),
-}
-LOW_PRECISION = ("float16", "bfloat16")
-# A layer is flagged when more than this fraction of its nonzero gradient values flush to zero.
-FLUSH_TOLERANCE = 0.01
-# ... or when its largest |activation| exceeds this fraction of its dtype's largest finite value.
-HEADROOM_LIMIT = 0.25
-# Loss scales searched for the recommendation: 2**0 .. 2**126 (the --loss_scale range).
-MAX_LOG2_SCALE = 126
-# The recommendation sits at most this many powers of two above the lowest safe scale: room
-# for gradients to shrink as training goes on, far from overflow.
-_RECOMMEND_MARGIN = 8
-_NOISE_LAYERS = tuple(getattr(keras.layers, name) for name in (
-    "Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout") if hasattr(keras.layers, name))
-_NORMALISED_OPTIMIZERS = ("adam", "adamw", "adamax", "nadam", "rmsprop", "adagrad", "adadelta",
-                          "adafactor", "lion", "ftrl")
-
-
-@dataclasses.dataclass
-class LayerNumerics:
-    """One row of the report; None where a value does not apply (e.g. no weights)."""
-
-    name: str
-    cls: str
-    dtype: str
-    output_error: Optional[float] = None
-    gradient_error: Optional[float] = None
-    headroom: Optional[float] = None
-    max_abs_activation: Optional[float] = None
-    gradient_values: int = 0
-    flush_fraction: Optional[float] = None
-    subnormal_fraction: Optional[float] = None
-    overflow_fraction: Optional[float] = None
-    update_ratio: Optional[float] = None
-    lost_update_fraction: Optional[float] = None
-    notes: List[str] = dataclasses.field(default_factory=list)
-    # Sorted nonzero |gradient| values (float32 pass), for the loss-scale search.
-    magnitudes: np.ndarray = dataclasses.field(default=None, repr=False)
-
-    @property
-    def flagged(self) -> bool:
-        return any(note.startswith("!!") for note in self.notes)
-
-    def as_json(self) -> dict:
-        row = {k: _json_number(v) for k, v in dataclasses.asdict(self).items()
-               if k != "magnitudes"}
-        row["flagged"] = self.flagged
-        return row
-
-
-@dataclasses.dataclass
-class NumericsReport:
-    """The inspection of one model under one policy, on one batch."""
-
-    model: str
-    policy: str
-    loss_scale: float
-    loss_scale_mode: str
-    examples: int
-    optimizer: str
-    learning_rate: float
-    rows: List[LayerNumerics]
-    scale_range: Optional[Tuple[float, float]] = None  # Safe loss scales (powers of 2), or None.
-    recommended_loss_scale: Optional[float] = None
-    low_dtypes: Tuple[str, ...] = ()
-
-    @property
-    def flagged(self) -> List[LayerNumerics]:
-        return [row for row in self.rows if row.flagged]
-
-    def totals(self) -> Dict[str, float]:
-        """Whole-model fractions over the 16-bit layers' gradient values, and max headroom."""
-        low = [r for r in self.rows if r.dtype in LOW_PRECISION and r.gradient_values]
-        count = sum(r.gradient_values for r in low)
-
-        def fraction(field):
-            return sum(getattr(r, field) * r.gradient_values for r in low) / count if count else 0.0
-
-        headrooms = [r.headroom for r in self.rows if r.headroom is not None]
-        return {"gradient_underflow_fraction": fraction("flush_fraction"),
-                "gradient_subnormal_fraction": fraction("subnormal_fraction"),
-                "gradient_overflow_fraction": fraction("overflow_fraction"),
-                "max_activation_headroom": max(headrooms, default=0.0),
-                "loss_scale": self.loss_scale,
-                "flagged_layers": float(len(self.flagged))}
-
-    def as_json(self) -> dict:
-        return {"model": self.model, "policy": self.policy, "loss_scale": self.loss_scale,
-                "loss_scale_mode": self.loss_scale_mode, "examples": self.examples,
-                "optimizer": self.optimizer, "learning_rate": self.learning_rate,
-                "loss_scale_range": list(self.scale_range) if self.scale_range else None,
-                "recommended_loss_scale": self.recommended_loss_scale,
-                "totals": {k: _json_number(v) for k, v in self.totals().items()},
-                "flagged": [r.name for r in self.flagged],
-                "layers": [r.as_json() for r in self.rows]}
-
-
-def _json_number(value):
-    # JSON has no Inf/NaN: say it in words rather than write invalid JSON.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-# ---------------------------------------------------------------------- the two passes
-
-
-def _top_layers(model: keras.Model) -> list:
-    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-
-
-def _set_call(layer, make):
-    """Replaces ``layer.call`` on the instance (Keras' ``__call__`` looks it up per call)."""
-    previous = layer.__dict__.get("call")
-    object.__setattr__(layer, "call", make(layer.call))
-    return layer, previous
-
-
-@contextlib.contextmanager
-def _hooks(model: keras.Model, top: list, sinks: List[list]):
-    """Records each top-level layer's outputs in ``sinks``; noise layers run as identity."""
-    patched = []
-
-    def without_noise(original):
-        @functools.wraps(original)
-        def call(*args, **kwargs):
-            if len(args) > 1:  # (inputs, training) passed positionally.
-                args = (args[0], False) + tuple(args[2:])
-            else:
-                kwargs["training"] = False
-            return original(*args, **kwargs)
-        return call
-
-    def recording(sink):
-        def make(original):
-            @functools.wraps(original)
-            def call(*args, **kwargs):
-                outputs = original(*args, **kwargs)
-                sink.append(outputs)
-                return outputs
-            return call
-        return make
-
-    try:
-        for layer in model.submodules:
-            if isinstance(layer, _NOISE_LAYERS):
-                patched.append(_set_call(layer, without_noise))
-        for layer, sink in zip(top, sinks):
-            patched.append(_set_call(layer, recording(sink)))
-        yield
-    finally:
-        for layer, previous in reversed(patched):
-            object.__delattr__(layer, "call")
-            if previous is not None:
-                object.__setattr__(layer, "call", previous)
-
-
-def _floating(outputs) -> list:
-    return [t for t in tf.nest.flatten(outputs)
-            if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-
-
-@dataclasses.dataclass
-class _Pass:
-    outputs: List[list]  # Per top-level layer: its floating output tensors, every call.
-    weight_grads: List[list]  # Per layer: unscaled float32 gradients of its trainable weights.
-    output_grads: List[list]  # Per layer: unscaled gradients of its outputs.
-    weights: List[list]
-
-
-def _run_pass(model, compute_loss, features, labels, *, scale: float, divisor: float,
-              regularization_divisor: float, auto_cast: bool) -> _Pass:
-    """One forward and backward pass, the loss built as ``Trainer._gradients_fn`` builds it."""
-    top = _top_layers(model)
-    sinks: List[list] = [[] for _ in top]
-    with _hooks(model, top, sinks), tf.GradientTape() as tape:
-        outputs = model(features, training=True)
-        if auto_cast:
-            outputs = precision.cast_outputs(outputs)
-        loss = tf.reduce_sum(compute_loss(labels, outputs)) / divisor
-        if model.losses:
-            loss += tf.add_n(model.losses) / regularization_divisor
-        scaled = loss * scale
-    acts = [[t for out in sink for t in _floating(out)] for sink in sinks]
-    weights = [list(layer.trainable_weights) for layer in top]
-    w_grads, a_grads = tape.gradient(scaled, (weights, acts))
-
-    def unscale(grads):
-        return [[None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32) / scale
-                 for g in per_layer] for per_layer in grads]
-
-    return _Pass(acts, unscale(w_grads), unscale(a_grads), weights)
-
-
-def _flat64(tensors) -> np.ndarray:
-    parts = [tf.reshape(tf.cast(t, tf.float64), [-1]).numpy() for t in tensors if t is not None]
-    return np.concatenate(parts) if parts else np.zeros(0)
-
-
-def relative_error(values: Sequence, reference: Sequence) -> Optional[float]:
-    """``||values - reference|| / ||reference||`` (L2, float64); inf when ``values`` is not finite."""
-    a, b = _flat64(values), _flat64(reference)
-    if not b.size or a.shape != b.shape:
-        return None
-    if not np.all(np.isfinite(a)):
-        return math.inf
-    diff, norm = float(np.linalg.norm(a - b)), float(np.linalg.norm(b))
-    return diff / norm if norm else (0.0 if diff == 0 else math.inf)
-
-
-def gradient_fractions(magnitudes: np.ndarray, limits: Limits, scale: float):
-    """(flushed, subnormal, overflowed) fractions of the sorted nonzero ``magnitudes`` x scale."""
-    n = magnitudes.size
-    if not n:
-        return 0.0, 0.0, 0.0
-    # Round to nearest even: |x| <= half the smallest subnormal becomes 0.
-    flushed = np.searchsorted(magnitudes, limits.subnormal / 2 / scale, side="right")
-    below_normal = np.searchsorted(magnitudes, limits.tiny / scale, side="left")
-    overflowed = n - np.searchsorted(magnitudes, limits.overflow_at / scale, side="left")
-    return flushed / n, (below_normal - flushed) / n, overflowed / n
-
-
-def _update_ratio(weights, grads, *, learning_rate: float, normalised: bool, momentum: float,
-                  roundoff: float):
-    """Median of update/|weight| over nonzero weights, and the fraction below ``roundoff``."""
-    w = np.abs(_flat64([tf.convert_to_tensor(v) for v in weights]))
-    g = np.abs(_flat64(grads))
-    if not w.size or w.shape != g.shape:
-        return None, None
-    keep = w > 0
-    if not keep.any():
-        return None, None
-    update = (np.full(w.shape, learning_rate) if normalised
-              else learning_rate * g / (1.0 - momentum))
-    ratio = update[keep] / w[keep]
-    return float(np.median(ratio)), float(np.mean(ratio < roundoff))
-
-
-# ---------------------------------------------------------------------- the report
-
-
-def inspect(policy_model: keras.Model, reference_model: keras.Model, *, compute_loss, features,
-            labels, policy: str, loss_scale: float = 1.0, loss_scale_mode: str = "none",
-            divisor: Optional[float] = None, regularization_divisor: float = 1.0,
-            learning_rate: float = 1e-3, optimizer: str = "adam", momentum: float = 0.0,
-            auto_cast: bool = False, model_name: Optional[str] = None) -> NumericsReport:
-    """Runs both passes and builds the per-layer report.
-
-    Args:
-      policy_model, reference_model: the same architecture built under ``policy`` and under
-        float32, holding the same weights.
-      compute_loss: ``(labels, outputs) -> per-example float32 loss``.
-      features, labels: one batch.
-      loss_scale: the scale the policy pass multiplies the loss by (the train step's).
-      divisor: the per-example losses' sum is divided by it (default: the batch size).
-      optimizer: a name; Adam-like ones take normalised steps of about ``learning_rate``.
-    """
-    examples = int(tf.nest.flatten(labels)[0].shape[0])
-    kwargs = dict(divisor=float(divisor or examples), regularization_divisor=regularization_divisor,
-                  auto_cast=auto_cast)
-    ref = _run_pass(reference_model, compute_loss, features, labels, scale=1.0, **kwargs)
-    low = _run_pass(policy_model, compute_loss, features, labels, scale=float(loss_scale), **kwargs)
-    normalised = optimizer.lower() in _NORMALISED_OPTIMIZERS
-    # Would a weight stored in the policy's compute dtype keep the update?
-    policy_roundoff = LIMITS[precision.POLICY_COMPUTE_DTYPES.get(policy, "float32")].roundoff
-    rows = []
-    for i, layer in enumerate(_top_layers(policy_model)):
-        dtypes = sorted({t.dtype.name for t in low.outputs[i]})
-        row = LayerNumerics(layer.name, type(layer).__name__, ",".join(dtypes) or "-")
-        rows.append(row)
-        if not ref.outputs[i]:
-            row.notes.append("not called on this batch" if not dtypes else "no float output")
-            continue
-        dtype = max(dtypes, key=lambda d: LIMITS.get(d, LIMITS["float32"]).roundoff)
-        limits = LIMITS.get(dtype, LIMITS["float32"])
-        row.output_error = relative_error(low.outputs[i], ref.outputs[i])
-        if ref.weight_grads[i]:
-            row.gradient_error = relative_error(low.weight_grads[i], ref.weight_grads[i])
-            row.update_ratio, row.lost_update_fraction = _update_ratio(
-                ref.weights[i], ref.weight_grads[i], learning_rate=learning_rate,
-                normalised=normalised, momentum=momentum, roundoff=policy_roundoff)
-        row.max_abs_activation = float(np.max(np.abs(_flat64(ref.outputs[i])), initial=0.0))
-        row.headroom = row.max_abs_activation / limits.max
-        grads = np.abs(_flat64(ref.weight_grads[i] + ref.output_grads[i]))
-        row.magnitudes = np.sort(grads[grads > 0])
-        row.gradient_values = int(row.magnitudes.size)
-        row.flush_fraction, row.subnormal_fraction, row.overflow_fraction = gradient_fractions(
-            row.magnitudes, limits, float(loss_scale))
-    low_dtypes = tuple(sorted({r.dtype for r in rows if r.dtype in LOW_PRECISION}))
-    scale_range, recommended = _recommend(rows)
-    report = NumericsReport(model_name or policy_model.name, policy, float(loss_scale),
-                            loss_scale_mode, examples, optimizer, float(learning_rate), rows,
-                            scale_range, recommended, low_dtypes)
-    for row in rows:
-        _annotate(row, report, lost_updates_matter=not precision.is_mixed(policy)
-                  and policy != "float32")
-    return report
-
-
-def _recommend(rows) -> Tuple[Optional[Tuple[float, float]], Optional[float]]:
-    """Safe loss scales (powers of 2) for every 16-bit layer at once, and the one to use."""
-    low = [r for r in rows if r.dtype in LOW_PRECISION and r.magnitudes is not None]
-    if not low:
-        return None, None
-    safe_low, safe_high = None, None
-    for k in range(MAX_LOG2_SCALE + 1):
-        fractions = [gradient_fractions(r.magnitudes, LIMITS[r.dtype], 2.0 ** k) for r in low]
-        if safe_low is None and all(f[0] <= FLUSH_TOLERANCE for f in fractions):
-            safe_low = k
-        if all(f[2] == 0 for f in fractions):
-            safe_high = k
-    if safe_low is None or safe_high is None or safe_low > safe_high:
-        return None, None
-    if safe_low == 0 and all(r.dtype == "bfloat16" for r in low):
-        best = 0  # bfloat16 has float32's exponent range: no scaling needed.
-    else:
-        best = min((safe_low + safe_high) // 2, safe_low + _RECOMMEND_MARGIN)
-    return (2.0 ** safe_low, 2.0 ** safe_high), 2.0 ** best
-
-
-def _scale_text(scale: Optional[float]) -> str:
-    if scale is None:
-        return "-"
-    return f"{scale:.0f}" if scale < 2 ** 24 else f"2**{int(math.log2(scale))}"
-
-
-def _annotate(row: LayerNumerics, report: NumericsReport, *, lost_updates_matter: bool) -> None:
-    """Adds the row's notes; '!!' marks a problem and says the fix."""
-    if row.dtype not in LOW_PRECISION:
-        return
-    dtype, limits = row.dtype, LIMITS[row.dtype]
-    scale = _scale_text(report.loss_scale)
-    fix_scale = (f"use --loss_scale={_scale_text(report.recommended_loss_scale)}"
-                 if report.recommended_loss_scale else
-                 "no single loss scale fits every layer: keep this layer in float32 "
-                 "(dtype='float32')")
-    if row.headroom is not None and row.headroom >= HEADROOM_LIMIT:
-        what = "overflows" if row.max_abs_activation >= limits.overflow_at else "is near"
-        row.notes.append(f"!! output {what} {dtype}'s max: |x| up to {row.max_abs_activation:.3g} "
-                         f"({row.headroom:.0%} of {limits.max:.6g}); keep this layer in float32 "
-                         "(dtype='float32')")
-    elif row.output_error == math.inf:
-        row.notes.append(f"not finite in {dtype}: an earlier layer overflowed")
-    if row.flush_fraction and row.flush_fraction > FLUSH_TOLERANCE:
-        row.notes.append(f"!! {row.flush_fraction:.1%} of gradient values flush to zero in "
-                         f"{dtype} at loss scale {scale}; {fix_scale}")
-    if row.overflow_fraction:
-        if report.loss_scale_mode == "dynamic":
-            row.notes.append(f"gradients overflow at the initial scale {scale}: the dynamic "
-                             "scale halves on the first steps (they are skipped)")
-        else:
-            row.notes.append(f"!! {row.overflow_fraction:.2%} of gradient values overflow "
-                             f"{dtype} at loss scale {scale}; {fix_scale}")
-    if row.lost_update_fraction and row.lost_update_fraction >= 0.5:
-        mark = "!! " if lost_updates_matter else "info: "
-        row.notes.append(f"{mark}{row.lost_update_fraction:.0%} of updates are below {dtype}'s "
-                         "rounding of the weight" + ("" if lost_updates_matter else
-                                                     " (master weights are float32 here)"))
+# ---------------------------------------------------------------------- the printed report
 
 
 def _fmt(value, spec: str) -> str:
@@ -447,14 +81,14 @@ def format_report(report: NumericsReport) -> str:
     lines.append(f"{len(report.rows)} layers, {len(report.flagged)} flagged (!!)")
     if report.low_dtypes:
         safe = ("no loss scale avoids both" if report.scale_range is None else
-                f"loss scales {_scale_text(report.scale_range[0])} to "
-                f"{_scale_text(report.scale_range[1])} avoid both; recommended "
+                f"loss scales {scale_text(report.scale_range[0])} to "
+                f"{scale_text(report.scale_range[1])} avoid both; recommended "
                 + ("--loss_scale=none (nothing underflows unscaled)"
                    if report.recommended_loss_scale == 1 else
-                   f"--loss_scale={_scale_text(report.recommended_loss_scale)}"))
+                   f"--loss_scale={scale_text(report.recommended_loss_scale)}"))
         lines.append(
             f"gradients in {'/'.join(report.low_dtypes)} at loss scale "
-            f"{_scale_text(report.loss_scale)} ({report.loss_scale_mode}): "
+            f"{scale_text(report.loss_scale)} ({report.loss_scale_mode}): "
             f"{totals['gradient_underflow_fraction']:.2%} flush to zero, "
             f"{totals['gradient_subnormal_fraction']:.2%} subnormal, "
             f"{totals['gradient_overflow_fraction']:.2%} overflow; {safe}")
