@@ -52,6 +52,19 @@ def test_controller_stops_when_asked_and_resumes_from_the_step():
     assert int(trainer.global_step.numpy()) == 50
 
 
+def test_controller_refuses_to_spin_on_a_loop_that_runs_no_step():
+    class Stuck(_FakeTrainer):
+        def train_steps(self, n):  # Its stop condition holds already: no step runs.
+            self.loops.append(n)
+
+    trainer, checked = Stuck(), []
+    controller = loop.Controller(trainer=trainer, total_steps=50, steps_per_loop=10,
+                                 after_loop=checked.append)
+    with pytest.raises(RuntimeError, match="ran none at step 0"):
+        controller.run()
+    assert trainer.loops == [10] and checked == [0]  # after_loop had its chance to explain.
+
+
 def test_time_based_action_uses_the_injected_clock():
     ran = []
     action = PeriodicAction(lambda step, now: ran.append((step, now)), every_secs=10)

@@ -18,11 +18,12 @@ from typing import Iterator, List, Optional
 from absl import app, flags, logging
 
 from trainer import flags as config_flags
+from trainer import worker_env
 
 FLAGS = flags.FLAGS
 # Set by the launchers of a multi-process job (mpirun, Horovod, trainer.launch, TF_CONFIG).
-_MULTI_PROCESS_VARIABLES = ("TF_CONFIG", "OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE",
-                            "TRAINER_WORLD_SIZE")
+_MULTI_PROCESS_VARIABLES = ("TF_CONFIG",) + tuple(
+    names[1] for names in worker_env.RANK_VARIABLES.values())  # Each launcher's world size.
 _HELP_FLAGS = ("help", "helpfull", "helpshort", "helpxml", "?")
 # What TensorFlow's C++ runtime writes to stderr while it is imported, before it reads
 # TF_CPP_MIN_LOG_LEVEL (its absl logging is not initialised yet, so the level does not apply):

@@ -15,7 +15,6 @@ import dataclasses
 import glob
 import importlib
 import importlib.util
-import logging
 import sys
 from typing import Optional, Tuple
 
@@ -244,8 +243,8 @@ def check_jit_compile(info: DeviceInfo, jit_compile: bool) -> None:
     """
     if jit_compile and info.kind == "hpu":
         raise UserError(
-            f"--jit_compile compiles the train step with XLA, which Gaudi does not have "
-            f"(this run uses {info.description}; Habana's bridge compiles graphs for the HPU "
+            "--jit_compile compiles the forward and backward pass with XLA, which Gaudi does not "
+            f"have (this run uses {info.description}; Habana's bridge compiles graphs for the HPU "
             "itself); drop --jit_compile, or use it with --device=cpu or --device=gpu")
 
 
@@ -268,5 +267,5 @@ def slower_than_float32(info: DeviceInfo, policy: str) -> str:
 def _warn_if_slow(info: DeviceInfo, policy: str) -> DeviceInfo:
     reason = slower_than_float32(info, policy)
     if reason:
-        logging.warning("%s", reason)
+        reporting.warn(reason)
     return info

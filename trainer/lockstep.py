@@ -32,6 +32,7 @@ import threading
 import zlib
 from typing import Dict, Iterator, List, Mapping, Optional
 
+from trainer import worker_env
 from trainer.errors import UserError
 
 # Kept below 2**20 so that N * sum(x**2) stays far inside int64 for any realistic N.
@@ -83,7 +84,8 @@ def fault_point(name: str) -> None:
     _FAULT_SEEN[name] = count = _FAULT_SEEN.get(name, 0) + 1
     worker, _, rest = _FAULT.partition(":")
     target, _, nth = rest.rpartition(":")
-    rank = os.environ.get("TRAINER_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    rank = next((os.environ[names[0]] for names in worker_env.RANK_VARIABLES.values()
+                 if names[0] in os.environ), "0")
     if worker == f"w{rank}" and target == name and str(count) == nth:
         print(f"[fault] worker {rank} killed at {name} #{count}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

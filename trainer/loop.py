@@ -114,6 +114,12 @@ class Controller:
             before, step = step, int(self.trainer.global_step.numpy())  # Waits for the device.
             self.timer.add(step - before, self.clock() - start)  # A storm may end it early.
             self.after_loop(step)
+            if step == before:
+                # The step loop's own stop condition held before its first step, and the
+                # check above did not explain why: looping again would never end.
+                raise RuntimeError(
+                    f"a step loop of {n} steps ran none at step {step}; the Trainer's stop "
+                    "condition and the loop's after_loop check disagree")
             now = self.clock()
             for action in self.actions:
                 action(step, now)

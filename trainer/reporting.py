@@ -26,7 +26,11 @@ def banner(*, device, config, trainer) -> None:
     _out(f"policy: {config.policy} | loss scale: {config.resolved_loss_scale} | "
          f"model: {trainer.model_name} ({params:,} parameters) | optimizer: {config.optimizer} "
          f"lr={config.learning_rate}")
-    _out(f"data: {config.dataset} from {ds.source}: {ds.num_train} train / "
+    from trainer.trainer import Trainer  # Here: reporting itself stays free of TensorFlow.
+
+    # A Trainer with its own build_datasets trains on what that returned, not --dataset.
+    name = config.dataset if type(trainer).build_datasets is Trainer.build_datasets else None
+    _out(f"data: {f'{name} from ' if name else ''}{ds.source}: {ds.num_train} train / "
          f"{ds.num_validation} validation / {ds.num_test} test, batch {config.batch_size}, "
          f"{ds.steps_per_epoch} steps per epoch")
 
