@@ -77,7 +77,7 @@ def _result(ms_per_step, flops=1e9):
 
 
 def test_targets_table_reads_this_runs_ratios():
-    kinds = ("ours", run.INPUT_BASELINE, "fit", "fit+fused_update")
+    kinds = ("ours", *run.LEVERS, "fit", "fit+fused_update")
     seed = {f"{kind}/{policy}": _result(ms) for kind in kinds
             for policy, ms in (("float32", 1.0), ("mixed_bfloat16", 1.2))}
     seed["ours/float32"] = _result(0.8)  # ours / fit+fused = 1.25 in float32
@@ -89,5 +89,7 @@ def test_targets_table_reads_this_runs_ratios():
         "1.09", "**missed**")
     assert table["seed MLP: bf16 / float32 >= 1.00x"] == ("0.73x", "**missed**")
     report = run.report({"mlp (seed, units 256)": seed}, {"float32": 1e12, "bfloat16": 2e12})
-    assert "| mlp (seed, units 256) | float32 | 160,000 | 128,000 | 128,000 | 128,000 | " \
-           "**1.25** | **1.25** | 1.25 |" in report
+    assert "| mlp (seed, units 256) | float32 | 160,000 | 128,000 | 128,000 | **1.25** | " \
+           "**1.25** |" in report
+    assert "| mlp (seed, units 256) | float32 | 0.80 | 1.00 | 1.00 | **1.25x** | **1.25x** |" \
+        in report
