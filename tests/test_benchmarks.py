@@ -53,6 +53,20 @@ def test_cast_once_trains_the_same_weights_and_skips_the_weight_casts():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_whole_step_update_trains_the_same_weights(policy):
+    config = small_config(policy=policy, optimizer="adamw", lr_schedule="cosine",
+                          warmup_steps=2, deterministic=True)
+    default, whole = Trainer(config), Trainer(config)
+    run.whole_step_update(whole)
+    for trainer in (default, whole):
+        trainer.train_steps(3)
+        trainer.train_steps(4)
+    for a, b in zip(_weights(default), _weights(whole)):  # Both compiled by XLA.
+        np.testing.assert_array_equal(a, b)
+    assert whole.loss_scale == default.loss_scale and int(whole.global_step.numpy()) == 7
+
+
 def test_transformer_fused_ops_uses_the_fused_layer_norm():
     def build(fused_ops):
         keras.utils.set_random_seed(1)

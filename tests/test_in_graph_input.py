@@ -99,10 +99,8 @@ def test_two_replicas_read_the_pipeline():
                       strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
         two.train_steps(2)
         print(one._in_graph is not None, two._in_graph is None, int(two.global_step.numpy()))
-        # The whole-step XLA update is for the default strategy; replicas update per variable.
-        print(one.loss_scaler.apply_fn is not None, two.loss_scaler.apply_fn is None)
     """)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-5:] == ["True", "True", "2", "True", "True"]
+    assert result.stdout.split()[-3:] == ["True", "True", "2"]

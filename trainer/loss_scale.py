@@ -14,7 +14,7 @@ own state variables and by its rules (halve on overflow, never below 1; double a
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Sequence, Union
 
 from trainer.compat import mixed_precision, tf
 
@@ -49,17 +49,12 @@ class LossScaler:
       mode: 'dynamic' (start at 2**15, halve on overflow, double after ``growth_steps``
         finite steps), 'none' (no wrapper), or a positive float (a fixed scale).
       growth_steps: finite steps before a dynamic scale doubles.
-      apply_fn: optional ``apply_fn(gradients, variables)`` that applies the update instead
-        of the optimizer's ``apply_gradients`` (``optimizers.fuse_updates``: the whole update
-        as one XLA computation).
     """
 
-    def __init__(self, optimizer, *, mode: Union[str, float], growth_steps: int = 2000,
-                 apply_fn: Optional[Callable] = None):
+    def __init__(self, optimizer, *, mode: Union[str, float], growth_steps: int = 2000):
         if mode not in ("dynamic", "none") and not (isinstance(mode, float) and mode > 0):
             raise ValueError(f"mode must be 'dynamic', 'none' or a positive float, got {mode!r}")
         self.mode = mode
-        self.apply_fn = apply_fn
         self.enabled = mode != "none"
         self.dynamic = mode == "dynamic"
         self.inner_optimizer = optimizer
@@ -109,9 +104,6 @@ class LossScaler:
         return tf.logical_not(finite)
 
     def _apply(self, gradients, variables: _Unwrapped) -> None:
-        if self.apply_fn is not None:
-            self.apply_fn(list(gradients), list(variables.value))
-            return
         self.inner_optimizer.apply_gradients(zip(gradients, variables.value),
                                              skip_gradients_aggregation=True)
 

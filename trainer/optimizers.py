@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 from trainer.compat import keras, tf
 from trainer.errors import ConfigError
 
@@ -60,36 +58,13 @@ def current_learning_rate(optimizer) -> float:
     return float(tf.convert_to_tensor(lr))
 
 
-def fuse_updates(optimizer, *, whole_step: bool) -> Optional[Callable]:
-    """XLA-compiles the optimizer's update, except on Gaudi.
+def fuse_updates(optimizer) -> None:
+    """XLA-compiles the optimizer's per-variable update, except on Gaudi.
 
     Keras 2 turns an optimizer's ``jit_compile`` off when no GPU is present, so on a CPU the
     float32 Adam update runs as a dozen separate element-wise ops per variable: 43% of a wide
-    MLP's bf16 step here; fused, that step is 1.30x faster (BENCHMARKS.md). Keras compiles
-    each variable's update as its own XLA computation, and each launch has a fixed cost: a
-    model with many small variables (the zoo transformer has 39) spends more on launching
-    them than on the arithmetic. With ``whole_step`` the whole update (every variable, the
-    step counter, the learning-rate schedule) is one XLA computation instead. Habana's bridge
+    MLP's bf16 step here; fused, that step is 1.30x faster (BENCHMARKS.md). Habana's bridge
     has no XLA, so HPU runs keep the plain update.
-
-    Args:
-      optimizer: a Keras 2 optimizer.
-      whole_step: compile the whole update as one computation. Only under the default
-        strategy: a distributed optimizer's update calls ``merge_call``, which XLA cannot hold.
-
-    Returns:
-      ``apply(gradients, variables)``, the whole-step update, or None, where Keras'
-      ``apply_gradients`` runs (each variable's update compiled when ``jit_compile`` is on).
     """
-    if not hasattr(optimizer, "jit_compile") or tf.config.list_physical_devices("HPU"):
-        return None
-    if not whole_step:
+    if hasattr(optimizer, "jit_compile") and not tf.config.list_physical_devices("HPU"):
         optimizer.jit_compile = True
-        return None
-    optimizer.jit_compile = False  # No per-variable computations inside the whole one.
-
-    @tf.function(jit_compile=True)
-    def apply(gradients, variables):
-        optimizer.apply_gradients(zip(gradients, variables), skip_gradients_aggregation=True)
-
-    return apply

@@ -72,9 +72,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, strategy: Optional[tf.distribute.Strategy] = None):
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
-        # The default (no-op) strategy: no replicas, no merge_call in the update.
-        default_strategy = not tf.distribute.has_strategy() and \
-            self.strategy is tf.distribute.get_strategy()
         contracts.check_accumulation(config, self.strategy.num_replicas_in_sync)
         # Same seed, same initial weights and data order: runs under different policies are
         # comparable. Seed before the datasets: tf.data's shuffle seed combines with the global
@@ -95,9 +92,8 @@ class Trainer:
                                           policy=config.policy,
                                           auto_cast=config.auto_cast_outputs)
             inner_optimizer = self.build_optimizer()
-            apply_fn = optimizers.fuse_updates(inner_optimizer, whole_step=default_strategy)
-            self.loss_scaler = LossScaler(inner_optimizer, mode=config.resolved_loss_scale,
-                                          apply_fn=apply_fn)
+            optimizers.fuse_updates(inner_optimizer)
+            self.loss_scaler = LossScaler(inner_optimizer, mode=config.resolved_loss_scale)
             self.optimizer = self.loss_scaler.optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.train_metrics = {"loss": keras.metrics.Mean(name="loss"), **self.build_metrics()}
