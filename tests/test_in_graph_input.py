@@ -32,8 +32,8 @@ def _weights(trainer):
 
 def test_in_graph_batches_are_the_pipeline_batches():
     trainer = Trainer(small_config(**CONFIG))
-    assert trainer._in_graph is not None  # The in-memory default reads in graph.
-    gather = tf.function(trainer._in_graph.batch)
+    assert trainer.in_graph_input is not None  # The in-memory default reads in graph.
+    gather = tf.function(trainer.in_graph_input.batch)
     for step in (0, 4, 5, 11, 16):  # Epoch starts and batches across epoch ends.
         features, labels = gather(tf.constant(step, tf.int64))
         expected = next(iter(trainer.datasets.train_from(step * 48)))
@@ -47,7 +47,7 @@ def test_in_graph_batches_are_the_pipeline_batches():
 def test_same_weights_and_metrics_as_the_pipeline(overrides):
     config = small_config(**{**CONFIG, **overrides})
     in_graph, pipeline = Trainer(config), PipelineTrainer(config)
-    assert pipeline._in_graph is None  # A replaced `train` is read as given.
+    assert pipeline.in_graph_input is None  # A replaced `train` is read as given.
     for trainer in (in_graph, pipeline):
         trainer.train_steps(3)
         trainer.train_steps(9)  # 12 steps: over two epoch ends, in two compiled calls.
@@ -78,7 +78,7 @@ def test_map_train_goes_through_the_pipeline():
             return super().build_datasets().map_train(lambda x, y: (2.0 * x, y))
 
     trainer = Doubled(small_config(**CONFIG))
-    assert trainer._in_graph is None
+    assert trainer.in_graph_input is None
     trainer.train_steps(2)
     assert int(trainer.global_step.numpy()) == 2
 
@@ -98,7 +98,7 @@ def test_two_replicas_read_the_pipeline():
         two = Trainer(small_config(batch_size=48, policy="float32"),
                       strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
         two.train_steps(2)
-        print(one._in_graph is not None, two._in_graph is None, int(two.global_step.numpy()))
+        print(one.in_graph_input is not None, two.in_graph_input is None, int(two.global_step.numpy()))
     """)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

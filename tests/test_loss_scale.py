@@ -222,7 +222,7 @@ def test_trainer_step_checks_once_and_keeps_the_fused_update(loss_scale, extra):
     trainer = Trainer(small_config(policy="mixed_bfloat16", loss_scale=loss_scale))
     trainer.train_steps(1)
     # In-graph input (the in-memory default) passes no iterator.
-    iterator = None if trainer._in_graph is not None else trainer.train_iterator
+    iterator = None if trainer.in_graph_input is not None else trainer.train_iterator
     concrete = trainer._train_loop.get_concrete_function(
         iterator, tf.constant(1), tf.constant(1, tf.int64))
     assert trainer._train_loop.experimental_get_tracing_count() == 1  # That same trace.

@@ -59,6 +59,12 @@ class Trainer:
     micro-batch: the same distribution as on one big batch, not the same random numbers.
     So accumulation equals one big batch only for models without batch-dependent layers.
 
+    Input: step ``s`` trains on examples ``[s * batch_size, (s + 1) * batch_size)`` of the
+    training stream. Data held in memory (``Datasets.in_graph_input``) is gathered inside the
+    compiled step loop (``self.in_graph_input``, see ``trainer/in_graph_input.py``; one
+    replica, not on Gaudi); otherwise ``train_iterator`` reads the tf.data pipeline. Both give
+    the same batches.
+
     Args:
       config: the run configuration.
       strategy: a ``tf.distribute`` strategy; the default (no-op) strategy when None.
@@ -104,7 +110,7 @@ class Trainer:
             self.consecutive_skips = tf.Variable(name="consecutive_skips", **counter)
         self._distributed: Dict[int, object] = {}
         self._train_iterator = None
-        self._in_graph = in_graph_input.InGraphInput.maybe(self.datasets, self.strategy,
+        self.in_graph_input = in_graph_input.InGraphInput.maybe(self.datasets, self.strategy,
                                                             config.batch_size)
         self._train_loop = tf.function(self._train_loop_fn)
         self._eval_loop = tf.function(self._eval_loop_fn)
@@ -269,7 +275,7 @@ class Trainer:
         limit = self.config.max_consecutive_skips if max_consecutive_skips is None \
             else max_consecutive_skips
         # In-graph input needs no iterator: each step gathers its batch at the global step.
-        iterator = None if self._in_graph is not None else self.train_iterator
+        iterator = None if self.in_graph_input is not None else self.train_iterator
         self._train_loop(iterator, tf.constant(num_steps, tf.int32),
                          tf.constant(limit or _NO_LIMIT, tf.int64))
 
@@ -334,7 +340,7 @@ class Trainer:
         # hit the limit, not at the end of its step loop.
         step = tf.constant(0, tf.int32)
         while step < num_steps and not self._storm(max_consecutive_skips):
-            batch = next(iterator) if iterator is not None else self._in_graph.batch(
+            batch = next(iterator) if iterator is not None else self.in_graph_input.batch(
                 self.global_step)
             skipped = self.strategy.run(self._replica_train_step, args=(batch,))
             # Gradients were all-reduced before the finiteness check, so every replica
