@@ -199,8 +199,10 @@ def test_help_lists_models_with_their_arguments():
     assert "mlp: units=256" in text
     for name in registry.model_names():
         params = inspect.signature(registry.get_model_builder(name)).parameters.values()
-        shown = ",".join(f"{p.name}={p.default}" for p in params
-                         if p.name not in ("input_shape", "num_classes"))
+        # As --model_args spells them: booleans are true/false.
+        shown = ",".join(
+            f"{p.name}={str(p.default).lower() if isinstance(p.default, bool) else p.default}"
+            for p in params if p.name not in ("input_shape", "num_classes"))
         assert f"{name}: {shown}" in text, name
     assert "fashion_mnist, mnist, synthetic, tfds:NAME[/CONFIG]" in text
     assert "--policy: <float32|mixed_bfloat16|mixed_float16>" in text

@@ -29,7 +29,10 @@ class PreemptionWatcher:
         del frame
         self.signal_name = signal.Signals(signum).name
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # A process started in the background by a non-interactive shell inherits SIGINT
+            # ignored; restoring that would make the second signal do nothing, so the
+            # default action (end the process) takes its place.
+            signal.signal(sig, signal.SIG_DFL if handler == signal.SIG_IGN else handler)
 
     def __enter__(self) -> "PreemptionWatcher":
         try:
