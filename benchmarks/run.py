@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import flops, profile_ops  # noqa: E402
-from trainer import devices, optimizers, precision, registry  # noqa: E402
+from trainer import devices, optimizers, precision, registry, reporting  # noqa: E402
 from trainer.compat import keras, mixed_precision, tf  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
@@ -435,9 +434,8 @@ def main(argv=None) -> int:
         print("\n" + footprint_report(footprints))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device.description, "peaks": peaks, "results": results,
-                       "footprint": footprints}, f, indent=2)
+        reporting.write_json(args.json, {"device": device.description, "peaks": peaks,
+                                         "results": results, "footprint": footprints})
     return 0
 
 

@@ -91,6 +91,14 @@ def habana_available() -> bool:
         return False
 
 
+def hpu_visible() -> bool:
+    """True when TensorFlow lists an HPU (Habana's bridge is loaded and sees a card).
+
+    Physical devices: listing them does not start the TensorFlow runtime.
+    """
+    return bool(tf.config.list_physical_devices("HPU"))
+
+
 def gaudi_card() -> Tuple[str, str]:
     """The Gaudi card type the driver reports (e.g. 'GAUDI2') and, when unusable, why not.
 

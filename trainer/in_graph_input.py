@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from trainer import data
+from trainer import data, devices
 from trainer.compat import tf
 
 
@@ -37,7 +37,7 @@ class InGraphInput:
         """The in-graph input of ``datasets``, or None where the tf.data pipeline is read."""
         source = datasets.in_graph_input
         if (source is None or strategy.num_replicas_in_sync != 1
-                or tf.config.list_physical_devices("HPU")):
+                or devices.hpu_visible()):
             return None
         with tf.device("/cpu:0"):
             return cls(source, batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from trainer import devices
 from trainer.compat import keras, tf
 from trainer.errors import ConfigError
 
@@ -66,5 +67,5 @@ def fuse_updates(optimizer) -> None:
     MLP's bf16 step here; fused, that step is 1.30x faster (BENCHMARKS.md). Habana's bridge
     has no XLA, so HPU runs keep the plain update.
     """
-    if hasattr(optimizer, "jit_compile") and not tf.config.list_physical_devices("HPU"):
+    if hasattr(optimizer, "jit_compile") and not devices.hpu_visible():
         optimizer.jit_compile = True
