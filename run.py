@@ -5,7 +5,7 @@ be a file of flags: `python run.py --flagfile=configs/default.flags`. A user mis
 one line and exits 1. `pip install -e .` installs the same command as `mptrain`.
 """
 
-from trainer.cli import main
+from trainer.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 
 from trainer.compat import tf
-from trainer.trainer import Trainer
+from trainer.core.steps import Trainer
 
 try:  # tf_keras (TF >= 2.16) and TF 2.15's built-in Keras keep the class in different places.
     from tf_keras.src.mixed_precision.autocast_variable import AutoCastVariable

@@ -29,10 +29,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import flops, profile_ops  # noqa: E402
-from trainer import devices, optimizers, precision, registry, reporting  # noqa: E402
+from trainer import registry  # noqa: E402
 from trainer.compat import keras, mixed_precision, tf  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.trainer import Trainer  # noqa: E402
+from trainer.core import optimizers, precision  # noqa: E402
+from trainer.core.steps import Trainer  # noqa: E402
+from trainer.outputs import files  # noqa: E402
+from trainer.runtime import devices  # noqa: E402
 
 POLICIES = ("float32", "mixed_bfloat16")
 # Our loop with one lever changed; on every configuration, to show what in-graph input buys.
@@ -434,7 +437,7 @@ def main(argv=None) -> int:
         print("\n" + footprint_report(footprints))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     if args.json:
-        reporting.write_json(args.json, {"device": device.description, "peaks": peaks,
+        files.write_json(args.json, {"device": device.description, "peaks": peaks,
                                          "results": results, "footprint": footprints})
     return 0
 

@@ -19,7 +19,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
-
 from tensorflow.python.framework import config as tf_config  # noqa: E402
 
 from trainer import registry  # noqa: E402

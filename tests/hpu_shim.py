@@ -1,6 +1,6 @@
 """Test-only: Habana's real ``HPUStrategy`` on the CPU, for a machine without a Gaudi card.
 
-:func:`install` replaces two things in habana-tensorflow's ``distribute._hpu_strategy`` module
+:func:`install` replaces two things in habana-tensorflow's ``distribution._hpu_strategy`` module
 and nothing else:
 
 - ``HabanaCollectiveAllReduceExtended._initialize_local_devices``: the one local device is
@@ -19,7 +19,7 @@ trains through ``trainer.app.run`` and writes what it saw to ``OUT_PREFIX.<rank>
     python -m trainer.launch --num_workers=2 -- tests/hpu_shim.py hpu OUT_PREFIX
     python -m trainer.launch --num_workers=2 -- tests/hpu_shim.py multi_worker OUT_PREFIX
 
-``hpu`` builds the strategy with our ``distribute._collective_strategy('hpu')`` (so Habana's
+``hpu`` builds the strategy with our ``distribution._collective_strategy('hpu')`` (so Habana's
 HPUStrategy, shimmed); ``multi_worker`` with TensorFlow's MultiWorkerMirroredStrategy.
 """
 
@@ -78,14 +78,15 @@ def _observe_health_check_stops() -> list:
 def main(argv) -> int:
     kind, out_prefix = argv
     sys.path.insert(0, ROOT)
-    from trainer import app, distribute
+    from trainer import job
     from trainer.config import TrainConfig
+    from trainer.runtime import distribution
 
     if kind == "hpu":
         install()
     stops = _observe_health_check_stops()
     record = {}
-    real_collective_strategy = distribute._collective_strategy
+    real_collective_strategy = distribution._collective_strategy
 
     def collective_strategy(requested: str):
         del requested  # 'multi_worker': the config trains on the CPU.
@@ -102,8 +103,8 @@ def main(argv) -> int:
         record["strategy"] = strategy
         return strategy
 
-    distribute._collective_strategy = collective_strategy
-    summary = app.run(TrainConfig(**TRAIN_SETTINGS))
+    distribution._collective_strategy = collective_strategy
+    summary = job.run(TrainConfig(**TRAIN_SETTINGS))
     extended = record.pop("strategy").extended
     record.update(
         get_next_as_optional_after_run=extended.experimental_enable_get_next_as_optional,

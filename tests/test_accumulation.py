@@ -15,12 +15,12 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, small_config, user_stderr_lines
+
 from trainer.compat import keras
+from trainer.core.contracts import check_accumulation
+from trainer.core.steps import Trainer
 from trainer.errors import UserError
-from trainer.contracts import check_accumulation
-from trainer.trainer import Trainer
 
 # bf16 keeps 8 mantissa bits: the same batch computed as 4 micro-batches or as one differs by
 # about 0.2-0.8% in the norm of each weight update (measured). A lost micro-batch would be
@@ -97,7 +97,7 @@ TWO_REPLICAS = textwrap.dedent("""
     from conftest import small_config
     from test_accumulation import SpareLayerTrainer
     from trainer.errors import UserError
-    from trainer.trainer import Trainer
+    from trainer.core.steps import Trainer
 
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     out = {{"replicas": mirrored.num_replicas_in_sync}}

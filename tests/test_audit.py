@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from trainer import audit, registry
+from trainer import registry
 from trainer.compat import keras
 from trainer.config import TrainConfig
+from trainer.tools import audit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_MODEL = "test_audit_bf16_softmax"
@@ -87,7 +88,7 @@ def test_pure_bfloat16_policy_flags_normalisation():
 
 
 def _build_under(policy):
-    from trainer.precision import policy_scope
+    from trainer.core.precision import policy_scope
     with policy_scope(policy):
         return bf16_softmax(input_shape=(28, 28, 1), num_classes=10)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import small_config
-from trainer import precision, registry
+
+from trainer import registry
 from trainer.compat import keras, tf
-from trainer.trainer import Trainer
+from trainer.core import precision
+from trainer.core.steps import Trainer
 
 pytest.importorskip("tf_keras")  # benchmarks/cast_once.py reaches into tf_keras (TF >= 2.16).
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import small_config
-from trainer import app, checkpoint
+from trainer import job
 from trainer.compat import tf
+from trainer.core.steps import Trainer
 from trainer.errors import UserError
-from trainer.trainer import Trainer
+from trainer.outputs import checkpoint
 
 
 def _folder_hashes(folder):
@@ -119,11 +120,11 @@ def test_all_checkpoints_damaged_is_a_clear_error_not_a_fresh_start(tmp_path):
 ])
 def test_model_dir_of_another_run_is_refused_and_left_unchanged(tmp_path, change, message):
     model_dir = str(tmp_path / "run")
-    app.run(small_config(model_dir=model_dir))
+    job.run(small_config(model_dir=model_dir))
     before = _folder_hashes(model_dir)
     assert any(name.startswith("checkpoints/ckpt-") for name in before)
     with pytest.raises(UserError, match=f"its {message}.*Nothing was changed"):
-        app.run(small_config(model_dir=model_dir, **change))
+        job.run(small_config(model_dir=model_dir, **change))
     assert _folder_hashes(model_dir) == before
 
 
@@ -131,12 +132,12 @@ def test_checkpoints_without_run_json_are_refused_and_left_unchanged(tmp_path):
     # run.json names the model the checkpoints belong to; without it nothing says whether
     # they fit, so the run stops instead of guessing (or starting over them).
     model_dir = tmp_path / "run"
-    app.run(small_config(model_dir=str(model_dir)))
+    job.run(small_config(model_dir=str(model_dir)))
     (model_dir / checkpoint.RUN_FILE).unlink()
     before = _folder_hashes(model_dir)
     assert any(name.startswith("checkpoints/ckpt-") for name in before)
     with pytest.raises(UserError) as info:
-        app.run(small_config(model_dir=str(model_dir)))
+        job.run(small_config(model_dir=str(model_dir)))
     assert str(info.value) == (f"{model_dir} holds checkpoints but no run.json, so their model "
                                "is unknown; use a new --model_dir")
     assert _folder_hashes(model_dir) == before
@@ -145,7 +146,7 @@ def test_checkpoints_without_run_json_are_refused_and_left_unchanged(tmp_path):
 def test_a_folder_without_run_json_or_checkpoints_is_a_fresh_start(tmp_path):
     model_dir = tmp_path / "run"
     (model_dir / "notes").mkdir(parents=True)  # Something else already there: fine.
-    summary = app.run(small_config(model_dir=str(model_dir)))
+    summary = job.run(small_config(model_dir=str(model_dir)))
     assert summary["global_step"] == 256 // 32
     assert (model_dir / checkpoint.RUN_FILE).is_file()
     assert (model_dir / "notes").is_dir()
@@ -157,7 +158,7 @@ def test_a_folder_without_run_json_or_checkpoints_is_a_fresh_start(tmp_path):
 ])
 def test_allow_policy_change_resumes_both_ways(tmp_path, capsys, first, then):
     model_dir = str(tmp_path / "run")
-    done = app.run(small_config(model_dir=model_dir, policy=first))
+    done = job.run(small_config(model_dir=model_dir, policy=first))
     weights = _restored_weights(model_dir, policy=first)
     second = Trainer(small_config(model_dir=model_dir, policy=then, allow_policy_change=True))
     ckpt = checkpoint.Checkpointer(second, model_dir=model_dir)
@@ -167,7 +168,7 @@ def test_allow_policy_change_resumes_both_ways(tmp_path, capsys, first, then):
     if then == "mixed_bfloat16":  # The float32 run had no loss scale: a fresh one, said so.
         assert second.loss_scale == 2.0 ** 15
         assert any("holds no loss-scale state" in note for note in ckpt.notes)
-    resumed = app.run(small_config(model_dir=model_dir, policy=then, epochs=2,
+    resumed = job.run(small_config(model_dir=model_dir, policy=then, epochs=2,
                                    allow_policy_change=True, verbose=True))
     assert resumed["global_step"] == 2 * done["global_step"]
     assert f"at step {done['global_step']}" in capsys.readouterr().out
@@ -187,8 +188,8 @@ def _restored_weights(model_dir, **overrides):
 def test_loss_scale_mode_change_resumes_with_a_fresh_scale_state(tmp_path, capsys, first, then,
                                                                  note):
     model_dir = str(tmp_path / "run")
-    done = app.run(small_config(model_dir=model_dir, loss_scale=first))
-    resumed = app.run(small_config(model_dir=model_dir, loss_scale=then, epochs=2,
+    done = job.run(small_config(model_dir=model_dir, loss_scale=first))
+    resumed = job.run(small_config(model_dir=model_dir, loss_scale=then, epochs=2,
                                    verbose=True))
     assert resumed["global_step"] == 2 * done["global_step"]
     out = capsys.readouterr().out
@@ -218,9 +219,9 @@ def test_mismatch_is_not_reported_as_damage(tmp_path, capsys):
                                     {"synthetic_examples": 512}])
 def test_input_stream_changes_are_refused_on_resume(tmp_path, change):
     model_dir = str(tmp_path / "run")
-    app.run(small_config(model_dir=model_dir))
+    job.run(small_config(model_dir=model_dir))
     with pytest.raises(UserError, match=f"its {next(iter(change))} is"):
-        app.run(small_config(model_dir=model_dir, **change))
+        job.run(small_config(model_dir=model_dir, **change))
 
 
 def test_data_files_identity_is_part_of_the_guard(tmp_path):
@@ -235,7 +236,7 @@ def test_data_files_identity_is_part_of_the_guard(tmp_path):
 
 def test_best_checkpoint_is_kept_separately(tmp_path):
     model_dir = str(tmp_path / "run")
-    app.run(small_config(model_dir=model_dir, epochs=3, validation_split=0.25))
+    job.run(small_config(model_dir=model_dir, epochs=3, validation_split=0.25))
     best = tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
     assert best is not None and os.path.basename(best).startswith("best-")
     values = dict(tf.train.list_variables(best))

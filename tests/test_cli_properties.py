@@ -24,14 +24,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, user_stderr_lines
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, user_stderr_lines
-from trainer import reporting
 from trainer.config import TrainConfig
 from trainer.errors import UserError
-from trainer.worker_env import RANK_VARIABLES
+from trainer.outputs import files
+from trainer.runtime.worker_env import RANK_VARIABLES
 
 # A run of a few seconds: forced unless a drawn flag overrides it.
 BASE = {"dataset": "synthetic", "synthetic_examples": "256", "batch_size": "32",
@@ -135,7 +135,7 @@ FLAG_VALUES = {
 
 
 def test_every_flag_of_run_py_has_a_strategy():
-    from trainer import flags as trainer_flags
+    from trainer.cli import config_flags as trainer_flags
 
     assert set(trainer_flags.flag_names()) == set(FLAG_VALUES)
 
@@ -252,8 +252,8 @@ REFUSED_BEFORE_TRAINING = {
 
 
 def _no_probe_files_left(paths):
-    for folder, _, files in os.walk(os.path.dirname(paths["tmp"])):
-        leftovers = [f for f in files if f.startswith((".write-check-", ".tmp-"))]
+    for folder, _, names in os.walk(os.path.dirname(paths["tmp"])):
+        leftovers = [f for f in names if f.startswith((".write-check-", ".tmp-"))]
         assert not leftovers, (folder, leftovers)
 
 
@@ -278,9 +278,9 @@ def test_config_and_path_checks_refuse_with_one_line(paths, overrides):
     try:
         config = TrainConfig(**kwargs)
         if config.metrics_file:
-            reporting.check_output_file(config.metrics_file, "--metrics_file")
+            files.check_output_file(config.metrics_file, "--metrics_file")
         if config.model_dir:
-            reporting.check_output_dir(config.model_dir, "--model_dir")
+            files.check_output_dir(config.model_dir, "--model_dir")
     except UserError as error:
         message = str(error)
         assert "\n" not in message and "--" in message, message

@@ -7,11 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from trainer import compare, devices
 from trainer.compat import tf
 from trainer.config import TrainConfig
+from trainer.core.steps import Trainer
 from trainer.errors import ConfigError, UserError
-from trainer.trainer import Trainer
+from trainer.runtime import devices
+from trainer.tools import compare
 
 
 def _config(tmp_path, **overrides):

@@ -120,7 +120,7 @@ def test_fixed_loss_scale_limits_match_tensorflow():
     would silently make every gradient 0 (the reciprocal is a subnormal, flushed to zero)."""
     from trainer.compat import keras, tf
     from trainer.config import MAX_FIXED_LOSS_SCALE, MIN_FIXED_LOSS_SCALE
-    from trainer.loss_scale import LossScaler
+    from trainer.core.loss_scale import LossScaler
 
     def unscaled_gradient(scale):
         scaler = LossScaler(keras.optimizers.SGD(0.1), mode=scale)
@@ -149,15 +149,15 @@ def test_jit_compile_on_hpu_is_refused_up_front():
 # the modules that implement them must agree, so a name is never accepted by one and refused
 # by the other.
 def test_policies_match_precision():
-    from trainer import precision
     from trainer.config import POLICIES
+    from trainer.core import precision
 
     assert tuple(precision.POLICY_COMPUTE_DTYPES) == POLICIES
 
 
 def test_optimizers_and_schedules_match_optimizers_module():
-    from trainer import optimizers
     from trainer.config import OPTIMIZERS, SCHEDULES
+    from trainer.core import optimizers
 
     for name in OPTIMIZERS:
         built = optimizers.build(name, 0.01)

@@ -6,9 +6,9 @@ import re
 
 import pytest
 from absl import flags
-
 from conftest import ROOT, run_cli
-from trainer import flags as trainer_flags
+
+from trainer.cli import config_flags as trainer_flags
 from trainer.config import TrainConfig
 
 CONFIGS = sorted((ROOT / "configs").glob("*.flags"))

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, user_stderr_lines
+
 from trainer import data
 from trainer.compat import keras, tf
 from trainer.errors import UserError
@@ -500,7 +500,7 @@ def test_from_arrays_refuses_bad_settings():
 def _regression_trainer(config):
     """A Trainer on float targets of shape [3] given through from_arrays."""
     from trainer.compat import keras
-    from trainer.trainer import Trainer
+    from trainer.core.steps import Trainer
 
     x = np.random.default_rng(0).random((64, 4, 4, 1), dtype=np.float32)
     y = x.reshape(64, -1)[:, :3] * 2.0 - 1.0

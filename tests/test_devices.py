@@ -13,10 +13,10 @@ import textwrap
 
 import pytest
 
-from trainer import devices
 from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, UserError
+from trainer.runtime import devices
 
 STAND_IN = textwrap.dedent('''
     """Stand-in for Habana's bridge: records calls, 'registers' an HPU when loaded."""

@@ -21,12 +21,12 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, run_cli, user_stderr_lines
-from trainer import devices, distribute, worker_env
+
 from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.errors import UserError
+from trainer.runtime import devices, distribution, worker_env
 
 # Two processes sum the two halves of each global batch's gradient in another order than one
 # process does: float32 round-off, nothing more. Checksums are sums of ~13k weights of O(0.1).
@@ -99,11 +99,11 @@ def test_tf_config_single_box_defaults_to_localhost():
 
 def test_prepare_sets_tf_config_once(clean_env):
     env = ompi(1, 2, 1, 2)
-    distribute.prepare(TrainConfig(distribution="multi_worker", base_port=9000), env)
+    distribution.prepare(TrainConfig(distribution="multi_worker", base_port=9000), env)
     assert json.loads(env["TF_CONFIG"])["cluster"]["worker"] == ["localhost:9000",
                                                                   "localhost:9001"]
     env["TF_CONFIG"] = "kept"  # A TF_CONFIG already there is the user's: never overwritten.
-    distribute.prepare(TrainConfig(distribution="multi_worker"), env)
+    distribution.prepare(TrainConfig(distribution="multi_worker"), env)
     assert env["TF_CONFIG"] == "kept"
 
 
@@ -125,18 +125,18 @@ def test_bad_worker_hosts_named(hosts, rank, message):
 
 def test_launcher_job_with_single_process_distribution_refused(clean_env):
     with pytest.raises(UserError, match="--distribution=multi_worker"):
-        distribute.prepare(TrainConfig(distribution="none"), ompi(0, 2, 0, 2))
+        distribution.prepare(TrainConfig(distribution="none"), ompi(0, 2, 0, 2))
 
 
 def test_resolve_auto():
-    assert distribute.resolve("auto", "cpu", {}) == "none"
-    assert distribute.resolve("auto", "cpu", ompi(0, 2, 0, 2)) == "multi_worker"
+    assert distribution.resolve("auto", "cpu", {}) == "none"
+    assert distribution.resolve("auto", "cpu", ompi(0, 2, 0, 2)) == "multi_worker"
     two = json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker",
                                                                      "index": 0}})
-    assert distribute.resolve("auto", "cpu", {"TF_CONFIG": two}) == "multi_worker"
-    assert distribute.resolve("auto", "hpu", ompi(0, 8, 0, 8)) == "hpu"
-    assert distribute.resolve("auto", "hpu", {}) == "none"
-    assert distribute.resolve("mirrored", "cpu", {}) == "mirrored"
+    assert distribution.resolve("auto", "cpu", {"TF_CONFIG": two}) == "multi_worker"
+    assert distribution.resolve("auto", "hpu", ompi(0, 8, 0, 8)) == "hpu"
+    assert distribution.resolve("auto", "hpu", {}) == "none"
+    assert distribution.resolve("mirrored", "cpu", {}) == "mirrored"
 
 
 def test_port_check(clean_env):
@@ -151,22 +151,22 @@ def test_port_check(clean_env):
 
 def test_single_worker_multi_worker_strategy_in_process(clean_env, make_config):
     config = make_config(distribution="multi_worker", batch_size=32)
-    cluster = distribute.setup(config, devices.DeviceInfo("cpu", "/device:CPU:0", "cpu", False))
+    cluster = distribution.setup(config, devices.DeviceInfo("cpu", "/device:CPU:0", "cpu", False))
     assert isinstance(cluster.strategy, tf.distribute.MultiWorkerMirroredStrategy)
     assert cluster.strategy.num_replicas_in_sync == 1
     assert (cluster.is_chief, cluster.num_workers, cluster.worker_index) == (True, 1, 0)
     options = cluster.strategy.extended._communication_options  # What we asked TF for.
-    assert options.timeout_seconds == distribute.COLLECTIVE_TIMEOUT_S
+    assert options.timeout_seconds == distribution.COLLECTIVE_TIMEOUT_S
 
 
 def test_mirrored_strategy_on_local_devices(clean_env, make_config):
     cpu = devices.DeviceInfo("cpu", "/device:CPU:0", "cpu", False)
-    cluster = distribute.setup(make_config(distribution="mirrored"), cpu)
+    cluster = distribution.setup(make_config(distribution="mirrored"), cpu)
     assert isinstance(cluster.strategy, tf.distribute.MirroredStrategy)
     assert cluster.strategy.num_replicas_in_sync == 1  # No GPU here: the CPU alone.
     assert (cluster.kind, cluster.is_chief, cluster.num_workers) == ("mirrored", True, 1)
     with pytest.raises(UserError, match="--distribution=hpu under mpirun"):
-        distribute.setup(make_config(distribution="mirrored"),
+        distribution.setup(make_config(distribution="mirrored"),
                          devices.DeviceInfo("hpu", "/device:HPU:0", "hpu", True))
 
 
@@ -174,12 +174,12 @@ def test_dead_peer_error_becomes_one_line(clean_env):
     message = ("Graph execution error:\n\nCollective ops is aborted by: Socket closed\n"
                "Additional GRPC error information from remote target /job:worker/task:1")
     with pytest.raises(tf.errors.UnavailableError):  # One process: not ours to translate.
-        with distribute.worker_failures_as_errors():
+        with distribution.worker_failures_as_errors():
             raise tf.errors.UnavailableError(None, None, message)
     clean_env.setenv("TF_CONFIG", json.dumps(
         {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}))
-    with pytest.raises(distribute.WorkerLostError) as error:
-        with distribute.worker_failures_as_errors():
+    with pytest.raises(distribution.WorkerLostError) as error:
+        with distribution.worker_failures_as_errors():
             raise tf.errors.UnavailableError(None, None, message)
     text = str(error.value)
     assert "\n" not in text and "Collective ops is aborted by: Socket closed" in text
@@ -409,9 +409,9 @@ def habana_stand_in(tmp_path, clean_env):
 
 def test_hpu_wiring_strategy_requested_after_bridge_loads(habana_stand_in, make_config):
     config = make_config(device="hpu", distribution="hpu", policy="mixed_bfloat16")
-    distribute.prepare(config)
+    distribution.prepare(config)
     device = devices.select_device("hpu", policy=config.policy)
-    cluster = distribute.setup(config, device)
+    cluster = distribution.setup(config, device)
     import habana_frameworks.tensorflow.distribute as hpu_distribute
 
     assert device.kind == "hpu" and cluster.kind == "hpu"
@@ -419,7 +419,7 @@ def test_hpu_wiring_strategy_requested_after_bridge_loads(habana_stand_in, make_
     assert isinstance(cluster.strategy, hpu_distribute.HPUStrategy)
     assert hpu_distribute.created[0]["after_load"]  # HPUStrategy only after load_habana_module.
     assert hpu_distribute.created[0]["options"].timeout_seconds == \
-        distribute.COLLECTIVE_TIMEOUT_S
+        distribution.COLLECTIVE_TIMEOUT_S
     assert cluster.is_chief and cluster.strategy.num_replicas_in_sync == 1
 
 
@@ -428,20 +428,20 @@ def test_hpu_wiring_module_id_per_local_rank(habana_stand_in, make_config):
                          worker_hosts="box1:4,box2:4")
     for local_rank in range(4):  # The second box of two.
         env = ompi(4 + local_rank, 8, local_rank, 4)
-        distribute.prepare(config, env)
+        distribution.prepare(config, env)
         assert env["HLS_MODULE_ID"] == str(local_rank)
         assert json.loads(env["TF_CONFIG"])["task"]["index"] == 4 + local_rank
     env = dict(ompi(2, 4, 2, 4), HABANA_VISIBLE_MODULES="4,5,6,7")
-    distribute.prepare(config, env)
+    distribution.prepare(config, env)
     assert env["HLS_MODULE_ID"] == "6"  # The local rank's entry of the visible cards.
     env = dict(ompi(2, 4, 2, 4), HLS_MODULE_ID="1")
-    distribute.prepare(config, env)
+    distribution.prepare(config, env)
     assert env["HLS_MODULE_ID"] == "1"  # Set by the user: kept.
     with pytest.raises(UserError, match="HABANA_VISIBLE_MODULES='0,1' lists 2 cards but 4"):
-        distribute.prepare(config, dict(ompi(0, 4, 0, 4), HABANA_VISIBLE_MODULES="0,1"))
+        distribution.prepare(config, dict(ompi(0, 4, 0, 4), HABANA_VISIBLE_MODULES="0,1"))
     # The card is chosen before the bridge loads (it reads HLS_MODULE_ID when loading).
     habana_stand_in.setattr(os, "environ", dict(os.environ, **ompi(0, 1, 0, 1)))
-    distribute.prepare(config)
+    distribution.prepare(config)
     devices.select_device("hpu", policy=config.policy)
     import habana_frameworks.tensorflow as bridge
 
@@ -451,8 +451,8 @@ def test_hpu_wiring_module_id_per_local_rank(habana_stand_in, make_config):
 def test_hpu_wiring_bf16_conversion_with_mixed_policy_refused(habana_stand_in, make_config):
     env = {"TF_BF16_CONVERSION": "1"}
     with pytest.raises(UserError, match="TF_BF16_CONVERSION.*mixed_bfloat16.*unset"):
-        distribute.prepare(make_config(device="hpu", policy="mixed_bfloat16"), env)
-    distribute.prepare(make_config(device="hpu", policy="float32"), env)  # Habana's own mode.
+        distribution.prepare(make_config(device="hpu", policy="mixed_bfloat16"), env)
+    distribution.prepare(make_config(device="hpu", policy="float32"), env)  # Habana's own mode.
     result = run_cli(*[a for a in TRAIN_ARGS if not a.startswith("--policy")],
                      "--policy=mixed_bfloat16", env={"TF_BF16_CONVERSION": "1"}, timeout=120)
     assert "TF_BF16_CONVERSION" in _one_error_line(result)
@@ -460,5 +460,5 @@ def test_hpu_wiring_bf16_conversion_with_mixed_policy_refused(habana_stand_in, m
 
 def test_hpu_wiring_distribution_hpu_needs_hpu_device(clean_env, make_config):
     with pytest.raises(UserError, match="--distribution=hpu needs Habana's HPU device"):
-        distribute.setup(make_config(distribution="hpu"),
+        distribution.setup(make_config(distribution="hpu"),
                          devices.DeviceInfo("cpu", "/device:CPU:0", "cpu", False))

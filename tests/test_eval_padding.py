@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, small_config
+
 from trainer import data
 from trainer.compat import keras, tf
-from trainer.trainer import Trainer
+from trainer.core.steps import Trainer
 
 LOSS_RTOL = 1e-6  # float32 round-off of a 100-term mean (values ~2.3): ~1e-7 seen.
 

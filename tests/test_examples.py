@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import ROOT, run_cli, small_config
+
 from trainer import data
 from trainer.compat import mixed_precision, tf
 

@@ -12,10 +12,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli, user_stderr_lines
-from trainer import export
+
 from trainer.errors import UserError
+from trainer.outputs import export
 
 SMALL_RUN = ("--dataset=synthetic", "--synthetic_examples=256", "--batch_size=32", "--epochs=1",
              "--validation_split=0", "--model_args=units=16", "--device=cpu")
@@ -25,7 +25,8 @@ CHECK = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
-from trainer import data, precision, registry
+from trainer import data, registry
+from trainer.core import precision
 from trainer.compat import keras
 
 export_dir, model_dir = sys.argv[1], sys.argv[2]

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import pytest
-
 from conftest import ROOT
-from trainer import launch
+
+from trainer.runtime import launch
 
 EXIT_BOUND_S = 60  # The bound: the others exit within 60 s of the death.
 START_BOUND_S = 180  # Start-up and training up to the fault point, on a busy machine.

@@ -21,10 +21,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli, user_stderr_lines
-from trainer import devices
+
 from trainer.compat import tf
+from trainer.runtime import devices
 
 pytestmark = [
     pytest.mark.skipif(tf.__version__ != devices.HABANA_TF_VERSION,
@@ -115,7 +115,7 @@ def test_device_hpu_without_card_is_one_error_line():
 LOAD_FAILURE = """
 import sys
 sys.path.insert(0, {root!r})
-from trainer import devices
+from trainer.runtime import devices
 from trainer.errors import UserError
 # A driver file and a card node that pass our check; the bridge reads the real /sys path.
 devices.HABANA_DRIVER_FILE, devices.HABANA_DEVICE_NODES = {driver!r}, {nodes!r}

@@ -9,10 +9,10 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, small_config
+
 from trainer.compat import tf
-from trainer.trainer import Trainer
+from trainer.core.steps import Trainer
 
 # 256 examples, batch 48: 5 steps per epoch and every later batch straddles two epochs.
 CONFIG = dict(batch_size=48, policy="float32", deterministic=True)
@@ -93,7 +93,7 @@ def test_two_replicas_read_the_pipeline():
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from conftest import small_config
-        from trainer.trainer import Trainer
+        from trainer.core.steps import Trainer
         one = Trainer(small_config(batch_size=48, policy="float32"))
         two = Trainer(small_config(batch_size=48, policy="float32"),
                       strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))

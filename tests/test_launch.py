@@ -21,9 +21,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT
-from trainer import launch
+
+from trainer.runtime import launch
 
 REPORT = """
 import json, os
@@ -140,7 +140,7 @@ def test_worker_env_is_tf_config_json():
 
 def test_worker_env_reads_back_as_the_launchers_rank():
     # What the launcher sets is what run.py's side (trainer.worker_env) reads.
-    from trainer import worker_env
+    from trainer.runtime import worker_env
 
     env = launch.worker_env(1, ["localhost:1", "localhost:2"], base={})
     assert worker_env.launcher_rank(env) == worker_env.Rank(1, 2, 1, 2, "trainer.launch")
@@ -409,9 +409,10 @@ NEVER_JOINS_ARGS = ("--dataset=synthetic", "--synthetic_examples=256", "--batch_
 
 
 def _registration_timeout_available() -> bool:
-    from trainer import distribute  # TensorFlow: imported only when this test is collected.
+    from trainer.runtime import \
+        distribution  # TensorFlow: imported only when this test is collected.
 
-    return hasattr(distribute, "REGISTER_TIMEOUT_S")
+    return hasattr(distribution, "REGISTER_TIMEOUT_S")
 
 
 def _register_barrier_available() -> bool:
@@ -422,7 +423,7 @@ def _register_barrier_available() -> bool:
 
 
 @pytest.mark.skipif(not _registration_timeout_available(),
-                    reason="trainer/distribute.py has no registration timeout yet (issue 8): "
+                    reason="trainer/distribution.py has no registration timeout yet (issue 8): "
                            "TensorFlow's own waits an hour for a worker that never starts")
 @pytest.mark.parametrize("own_index", [0, 1], ids=["leader-alone", "follower-alone"])
 def test_worker_whose_peer_never_starts_fails_within_the_timeout(own_index):

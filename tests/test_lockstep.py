@@ -17,11 +17,11 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT, small_config
-from trainer import lockstep
-from trainer.lockstep import Lockstep, LockstepError
-from trainer.trainer import Trainer
+
+from trainer.core.steps import Trainer
+from trainer.runtime import lockstep
+from trainer.runtime.lockstep import Lockstep, LockstepError
 
 # mpirun forwards each rank's output in chunks, so another rank's text can follow a line
 # with no newline between: match the number itself, not "up to the next space".
@@ -97,11 +97,11 @@ DRIVER = textwrap.dedent('''
     import os, sys
     sys.path.insert(0, {root!r})
     from tests.conftest import small_config
-    from trainer import devices, distribute, lockstep
-    from trainer.lockstep import Lockstep, LockstepError
+    from trainer.runtime import devices, distribution, lockstep
+    from trainer.runtime.lockstep import Lockstep, LockstepError
 
     config = small_config(distribution="multi_worker")
-    cluster = distribute.setup(config, devices.select_device("cpu", policy="float32"))
+    cluster = distribution.setup(config, devices.select_device("cpu", policy="float32"))
     steps = Lockstep.of(cluster)
     assert steps.stop_vote(None) is None
     # Worker 1 registers its collectives in another order than worker 0: the digest differs.

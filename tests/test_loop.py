@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import small_config
-from trainer import app, loop
-from trainer.actions import PeriodicAction
+from trainer import job
 from trainer.compat import tf
-from trainer.trainer import Trainer
+from trainer.core.steps import Trainer
+from trainer.errors import TrainingStopped
+from trainer.loop import fit_loop
+from trainer.loop.actions import PeriodicAction
+from trainer.loop.controller import Controller
 
 
 class _FakeTrainer:
@@ -31,7 +34,7 @@ def test_controller_ends_loops_on_action_boundaries():
     trainer, seen = _FakeTrainer(), []
     actions = [PeriodicAction(lambda step, now: seen.append(("ckpt", step)), every_steps=25),
                PeriodicAction(lambda step, now: seen.append(("eval", step)), every_steps=40)]
-    controller = loop.Controller(trainer=trainer, total_steps=100, steps_per_loop=30,
+    controller = Controller(trainer=trainer, total_steps=100, steps_per_loop=30,
                                  actions=actions, clock=lambda: 0.0)
     assert controller.run()
     assert sum(trainer.loops) == 100
@@ -43,12 +46,12 @@ def test_controller_ends_loops_on_action_boundaries():
 def test_controller_stops_when_asked_and_resumes_from_the_step():
     trainer = _FakeTrainer()
     calls = []
-    controller = loop.Controller(trainer=trainer, total_steps=50, steps_per_loop=10,
+    controller = Controller(trainer=trainer, total_steps=50, steps_per_loop=10,
                                  should_stop=lambda: len(trainer.loops) == 2,
                                  actions=[PeriodicAction(lambda s, n: calls.append(s))])
     assert controller.run() is False
     assert int(trainer.global_step.numpy()) == 20 and calls == [10, 20]
-    assert loop.Controller(trainer=trainer, total_steps=50, steps_per_loop=10).run()
+    assert Controller(trainer=trainer, total_steps=50, steps_per_loop=10).run()
     assert int(trainer.global_step.numpy()) == 50
 
 
@@ -58,7 +61,7 @@ def test_controller_refuses_to_spin_on_a_loop_that_runs_no_step():
             self.loops.append(n)
 
     trainer, checked = Stuck(), []
-    controller = loop.Controller(trainer=trainer, total_steps=50, steps_per_loop=10,
+    controller = Controller(trainer=trainer, total_steps=50, steps_per_loop=10,
                                  after_loop=checked.append)
     with pytest.raises(RuntimeError, match="ran none at step 0"):
         controller.run()
@@ -129,8 +132,8 @@ def test_non_finite_storm_stops_training():
 
     trainer = Diverging(small_config(max_consecutive_skips=5, steps_per_loop=3,
                                      synthetic_examples=1024))
-    with pytest.raises(loop.TrainingStopped, match="non-finite"):
-        loop.fit(trainer)
+    with pytest.raises(TrainingStopped, match="non-finite"):
+        fit_loop.fit(trainer)
     assert int(trainer.consecutive_skips.numpy()) >= 5
     assert int(trainer.skipped_steps.numpy()) == int(trainer.global_step.numpy())
 
@@ -159,8 +162,8 @@ def test_a_skip_with_the_scale_at_its_floor_stops_the_loop_at_that_step():
     trainer.train_steps(8)  # At the floor with a skip pending: not one more step.
     assert int(trainer.global_step.numpy()) == 16
     # What fit calls after each loop names the floor (not the limit) as the reason.
-    with pytest.raises(loop.TrainingStopped) as info:
-        loop.check_non_finite(trainer, 1000)
+    with pytest.raises(TrainingStopped) as info:
+        fit_loop.check_non_finite(trainer, 1000)
     assert str(info.value).startswith(
         "training stopped at step 16: gradients are non-finite with the loss scale at its "
         "floor (1) (15 skipped in all); no checkpoint was saved.")
@@ -168,7 +171,7 @@ def test_a_skip_with_the_scale_at_its_floor_stops_the_loop_at_that_step():
 
 def test_tensorboard_events_hold_the_scalars(tmp_path):
     model_dir = str(tmp_path / "run")
-    app.run(small_config(model_dir=model_dir, validation_split=0.25, epochs=2))
+    job.run(small_config(model_dir=model_dir, validation_split=0.25, epochs=2))
     tags = {}
     for split in ("train", "validation"):
         for path in glob.glob(os.path.join(model_dir, split, "events.out.tfevents.*")):
@@ -187,7 +190,7 @@ def test_tensorboard_events_hold_the_scalars(tmp_path):
     ("cosine", 0, [0.1, 0.05, 0.0]),
 ])
 def test_learning_rate_schedules(schedule, warmup, expected):
-    from trainer import optimizers
+    from trainer.core import optimizers
 
     lr = optimizers.schedule(schedule, 0.1, total_steps=8, warmup_steps=warmup)
     values = [float(lr(s)) if callable(lr) else lr for s in (0, 2 if warmup else 4, 8)]
@@ -196,17 +199,17 @@ def test_learning_rate_schedules(schedule, warmup, expected):
 
 def test_user_actions_run_on_their_schedule_through_app_run():
     seen = []
-    summary = app.run(small_config(epochs=2),
+    summary = job.run(small_config(epochs=2),
                       actions=[PeriodicAction(lambda step, now: seen.append(step), every_steps=3)])
     assert summary["global_step"] == 2 * (256 // 32)
     assert seen == [3, 6, 9, 12, 15]
 
 
 def test_progress_bar_draws_the_values_it_is_given(capsys):
-    from trainer import reporting
+    from trainer.outputs import console
 
     trainer = Trainer(small_config())
-    bar = reporting.ProgressBar(8, trainer.train_metrics)
+    bar = console.ProgressBar(8, trainer.train_metrics)
     for step in (4, 8):
         trainer.train_steps(4)
         bar.update(step, {**trainer.train_results(), "loss_scale": trainer.loss_scale})
@@ -217,7 +220,7 @@ def test_progress_bar_draws_the_values_it_is_given(capsys):
 def test_final_step_is_always_evaluated_and_considered_for_the_best(tmp_path):
     # 14 steps in loops of 7, evaluated every 5: steps 5, 10 and then the final 14.
     model_dir = str(tmp_path / "run")
-    summary = app.run(small_config(synthetic_examples=14 * 32 * 4 // 3, validation_split=0.25,
+    summary = job.run(small_config(synthetic_examples=14 * 32 * 4 // 3, validation_split=0.25,
                                    steps_per_loop=7, eval_every=5, model_dir=model_dir,
                                    best_metric="loss"))
     assert summary["global_step"] == 14
@@ -250,10 +253,10 @@ def test_best_metric_defaults_to_loss_without_accuracy_and_every_metric_is_repor
             metrics["mae"].update_state(tf.cast(labels, tf.float32)[:, None], outputs[:, None])
 
     # No --model_dir: no checkpoint, so best_metric is not even looked at.
-    summary = app.run(small_config(validation_split=0.25), trainer_cls=Regression)
+    summary = job.run(small_config(validation_split=0.25), trainer_cls=Regression)
     assert {"test_loss", "test_mae", "val_loss", "val_mae"} <= set(summary)
     assert "test_accuracy" not in summary
-    summary = app.run(small_config(validation_split=0.25, model_dir=str(tmp_path / "r")),
+    summary = job.run(small_config(validation_split=0.25, model_dir=str(tmp_path / "r")),
                       trainer_cls=Regression)
     assert os.path.exists(os.path.join(tmp_path, "r", "best", "checkpoint"))
 
@@ -261,13 +264,13 @@ def test_best_metric_defaults_to_loss_without_accuracy_and_every_metric_is_repor
 def test_scale_stuck_at_floor_warns(capsys):
     trainer = Trainer(small_config(loss_scale="dynamic", epochs=1))
     trainer.optimizer._loss_scale._current_loss_scale.assign(1.0)
-    loop.fit(trainer)
+    fit_loop.fit(trainer)
     assert "loss scale is stuck at its floor (1)" in capsys.readouterr().err
 
 
 def test_eval_every_interleaves_evaluation_and_keeps_the_best(tmp_path):
     model_dir = str(tmp_path / "run")
-    summary = app.run(small_config(model_dir=model_dir, eval_every=4, epochs=2,
+    summary = job.run(small_config(model_dir=model_dir, eval_every=4, epochs=2,
                                    validation_split=0.25, best_metric="loss"))
     assert [h["step"] for h in summary["history"]] == [4, 8, 12]  # 6 steps per epoch.
     assert all("val_loss" in h for h in summary["history"])
@@ -283,7 +286,7 @@ def test_unknown_best_metric_is_refused_before_training(tmp_path):
     model_dir = tmp_path / "run"
     with pytest.raises(UserError, match="unknown best_metric 'acc'; this model reports loss, "
                                         "accuracy"):
-        app.run(small_config(best_metric="acc", model_dir=str(model_dir)))
+        job.run(small_config(best_metric="acc", model_dir=str(model_dir)))
     assert not (model_dir / "checkpoints").exists()  # Refused before anything was saved.
 
 
@@ -291,6 +294,6 @@ def test_unknown_best_metric_is_refused_before_training(tmp_path):
 def test_a_run_that_ends_non_finite_fails_instead_of_reporting_nan(loss_scale):
     """--learning_rate=1e30: the first (finite) update blows the weights up, later steps are
     skipped; the run must not end with exit 0 and `test: loss nan`."""
-    with pytest.raises(loop.TrainingStopped, match=r"training diverged: the test loss is not "
+    with pytest.raises(TrainingStopped, match=r"training diverged: the test loss is not "
                                                     r"finite \(\d+ non-finite steps"):
-        app.run(small_config(learning_rate=1e30, loss_scale=loss_scale))
+        job.run(small_config(learning_rate=1e30, loss_scale=loss_scale))

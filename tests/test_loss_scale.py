@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-
 from conftest import small_config
+
 from trainer.compat import keras, mixed_precision, tf
-from trainer.loss_scale import LossScaler, all_finite
-from trainer.trainer import Trainer
+from trainer.core.loss_scale import LossScaler, all_finite
+from trainer.core.steps import Trainer
 
 
 def _scaler(mode, **kwargs):

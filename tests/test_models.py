@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
-from trainer import precision, registry
-from trainer.audit import statistics_dtypes
+from trainer import registry
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
+from trainer.core import precision
+from trainer.core.steps import Trainer
 from trainer.errors import ConfigError
-from trainer.trainer import Trainer
+from trainer.tools.audit import statistics_dtypes
 
 # Small widths keep each build-trace-train cycle to a couple of seconds on 2 cores.
 SMALL_ARGS = {

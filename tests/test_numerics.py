@@ -10,13 +10,15 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli, small_config
-from trainer import app, numerics, precision, registry
+
+from trainer import job, registry
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
+from trainer.core import precision
+from trainer.core.steps import Trainer
 from trainer.errors import UserError
-from trainer.trainer import Trainer
+from trainer.tools import numerics
 
 OVERFLOW_MODEL = "test_numerics_overflow"  # Registered only by the test that runs it by name.
 
@@ -218,8 +220,8 @@ def _scalars(folder):
 
 def test_numerics_every_logs_summaries_and_leaves_training_unchanged(tmp_path):
     base = small_config(policy="mixed_float16", steps_per_loop=8)
-    plain = app.run(base.replace(model_dir=str(tmp_path / "plain")))
-    logged = app.run(base.replace(model_dir=str(tmp_path / "numerics"), numerics_every=3))
+    plain = job.run(base.replace(model_dir=str(tmp_path / "plain")))
+    logged = job.run(base.replace(model_dir=str(tmp_path / "numerics"), numerics_every=3))
     # Loops are cut at 3 and 6 but every step is the same step: identical weights.
     assert logged["weights_checksum"] == plain["weights_checksum"]
     assert logged["global_step"] == 8
@@ -242,7 +244,7 @@ def test_numerics_every_logs_summaries_and_leaves_training_unchanged(tmp_path):
 
 def test_numerics_every_needs_a_model_dir():
     with pytest.raises(UserError, match="--model_dir"):
-        app.run(small_config(numerics_every=2))
+        job.run(small_config(numerics_every=2))
 
 
 def test_cli_cnn_prints_the_table_and_json(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import small_config
-from trainer.trainer import Trainer
+
+from trainer.core.steps import Trainer
 
 
 def _train(config, fused: bool):

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
-
 from conftest import small_config
-from trainer import precision, registry
+
+from trainer import registry
 from trainer.compat import keras, mixed_precision, tf
+from trainer.core import precision
+from trainer.core.steps import Trainer
 from trainer.errors import UserError
-from trainer.trainer import Trainer
 
 
 def _mlp(policy):

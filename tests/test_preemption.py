@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_checkpoint import _start, _wait_for_checkpoint
 from trainer.compat import tf
-from trainer.preemption import PreemptionWatcher
+from trainer.loop.preemption import PreemptionWatcher
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -56,7 +56,7 @@ def test_watcher_records_the_signal_and_restores_handlers():
 STUCK_STOP = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from trainer.preemption import PreemptionWatcher
+from trainer.loop.preemption import PreemptionWatcher
 with PreemptionWatcher() as watcher:
     print("ready", flush=True)
     while not watcher.requested:

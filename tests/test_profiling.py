@@ -5,12 +5,12 @@ import glob
 import os
 
 import pytest
-
 from conftest import run_cli, user_stderr_lines
-from trainer import loop
+
 from trainer.config import TrainConfig, parse_profile_steps
 from trainer.errors import ConfigError
-from trainer.profiling import StepProfiler
+from trainer.loop.controller import Controller
+from trainer.loop.profiling import StepProfiler
 
 
 @pytest.mark.parametrize("text", ["3,1", "2,2", "-1,3", "1", "1,2,3", "a,b", "1.5,3", ""])
@@ -66,7 +66,7 @@ def test_loops_break_at_the_range_and_trace_only_it(start, end, resume_at, trace
         original(n)
 
     trainer.train_steps = train_steps
-    loop.Controller(trainer=trainer, total_steps=23, steps_per_loop=5,
+    Controller(trainer=trainer, total_steps=23, steps_per_loop=5,
                     actions=profiler.actions).run()
     profiler.stop()
     assert seen == traced

@@ -78,7 +78,7 @@ def test_var_keyword_builder_accepts_any_args():
 
 
 def test_help_describes_every_model_with_its_argument_defaults():
-    from trainer import flags as trainer_flags
+    from trainer.cli import config_flags as trainer_flags
 
     @registry.register_model("help_probe")
     def help_probe(*, input_shape, num_classes, width: int = 3, gated: bool = False,

@@ -17,11 +17,11 @@ import sys
 
 import pytest
 from absl import flags
-
 from conftest import ROOT, run_cli, user_stderr_lines
 from test_data import write_idx_folder
-from trainer import flags as trainer_flags
+
 from trainer import registry
+from trainer.cli import config_flags as trainer_flags
 from trainer.compat import tf
 from trainer.config import (DEVICES, DISTRIBUTIONS, OPTIMIZERS, POLICIES, PROGRESS, SCHEDULES,
                             TrainConfig)

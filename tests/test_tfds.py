@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli, user_stderr_lines
+
 from trainer import data
 from trainer.errors import UserError
 

@@ -4,12 +4,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from conftest import small_config
-from trainer import app, loop, precision
+
+from trainer import job
 from trainer.compat import keras, tf
-from trainer.errors import UserError
-from trainer.trainer import Trainer
+from trainer.core import precision
+from trainer.core.steps import Trainer
+from trainer.errors import TrainingStopped, UserError
+from trainer.loop import fit_loop
 
 
 def _weights(trainer):
@@ -208,7 +210,7 @@ def test_short_run_lowers_the_loss(policy):
     config = small_config(policy=policy, synthetic_examples=1024, epochs=3, batch_size=32,
                           model_args={"units": 64}, steps_per_loop=8, validation_split=0.25,
                           learning_rate=3e-3)
-    summary = app.run(config)
+    summary = job.run(config)
     history = summary["history"]
     assert len(history) == 3
     # Measured: 2.03 -> 0.21 (float32), 2.03 -> 0.26 (mixed_bfloat16).
@@ -245,23 +247,23 @@ def test_storm_stops_at_the_exact_step(tmp_path, policy, loss_scale, limit, stop
         np.testing.assert_array_equal(a, b)  # No non-finite update was applied.
     trainer.train_steps(10)  # Still in the storm: not one more step.
     assert int(trainer.global_step.numpy()) == stop_step
-    with pytest.raises(loop.TrainingStopped) as info:
-        loop.check_non_finite(trainer, limit)
+    with pytest.raises(TrainingStopped) as info:
+        fit_loop.check_non_finite(trainer, limit)
     message = str(info.value)
     assert message.startswith(f"training stopped at step {stop_step}: ")
     assert "\n" not in message and "no checkpoint was saved" in message
     assert ("--max_consecutive_skips=" in message) == bool(limit)
     assert ("floor (1)" in message) == (not limit)
-    with pytest.raises(loop.TrainingStopped,
+    with pytest.raises(TrainingStopped,
                        match=f"the last good checkpoint in {tmp_path} is kept"):
-        loop.check_non_finite(trainer, limit, has_checkpoint=True)
+        fit_loop.check_non_finite(trainer, limit, has_checkpoint=True)
 
 
 def test_no_storm_no_stop():
     trainer = PoisonedTrainer(small_config(policy="float32", max_consecutive_skips=2))
     trainer.train_steps(5)  # One skipped step (2) does not reach the limit of 2.
     assert int(trainer.global_step.numpy()) == 5
-    loop.check_non_finite(trainer, 2)
+    fit_loop.check_non_finite(trainer, 2)
     # The limit applies to the step loop as given: with 1, the loop ends right after step 2.
     fresh = PoisonedTrainer(small_config(policy="float32"))
     fresh.train_steps(5, max_consecutive_skips=1)

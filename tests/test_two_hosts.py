@@ -18,7 +18,6 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import ROOT
 
 IP = shutil.which("ip")

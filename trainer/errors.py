@@ -17,6 +17,10 @@ class ConfigError(UserError, ValueError):
     """An invalid configuration value; the message names the argument and the value."""
 
 
+class TrainingStopped(UserError):
+    """Training cannot usefully go on (a non-finite storm); the message says where and why."""
+
+
 def exit_with(error: Exception) -> "NoReturn":
     """Prints ``error: <message>`` as the last line of the process's output and exits 1.
 
@@ -29,3 +33,8 @@ def exit_with(error: Exception) -> "NoReturn":
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     os._exit(1)
+
+
+def warn(message: str) -> None:
+    """Prints one ``warning: message`` line on stderr: the run's one channel for warnings."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -12,16 +12,30 @@ from trainer.errors import ConfigError, UserError
 ModelBuilder = Callable[..., "object"]
 _REGISTRY: Dict[str, ModelBuilder] = {}
 _BUILTINS_LOADED = False
+# The built-in zoo (trainer/models/): model name -> the module whose function of that name
+# builds it. Declared here, not registered by the zoo on import, so that the registry imports
+# the zoo and never the other way round, and so that no top-level package named `models`
+# (a user's own, say) is ever looked up in its place.
+BUILTIN_MODELS = {
+    "mlp": "trainer.models.mlp",
+    "cnn": "trainer.models.cnn",
+    "resnet": "trainer.models.resnet",
+    "transformer": "trainer.models.transformer",
+}
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering ``builder(*, input_shape, num_classes, **model_args)`` as ``name``.
 
     Raises:
-      ValueError: when ``name`` is already registered (two models must not share a name).
+      ValueError: when ``name`` is already registered, or is a built-in model's (two models
+        must not share a name).
     """
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
+        if name in BUILTIN_MODELS:
+            raise ValueError(f"a model named {name!r} is built in ({BUILTIN_MODELS[name]}); "
+                             "pick another name")
         if name in _REGISTRY and _REGISTRY[name] is not builder:
             raise ValueError(
                 f"a model named {name!r} is already registered by "
@@ -33,15 +47,12 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 
 def _load_builtin_models() -> None:
-    # The zoo in the top-level `models` package registers itself on import.
+    # On first lookup, not at import: the zoo imports TensorFlow, and flags parse before it.
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        try:
-            importlib.import_module("models")
-        except ModuleNotFoundError as error:
-            if error.name != "models":
-                raise
+        for name, module in BUILTIN_MODELS.items():
+            _REGISTRY[name] = getattr(importlib.import_module(module), name)
 
 
 def model_names() -> list:
