@@ -14,7 +14,7 @@ from trainer import job
 from trainer.compat import tf
 from trainer.core.steps import Trainer
 from trainer.errors import UserError
-from trainer.outputs import checkpoint
+from trainer.outputs import checkpoint, layout
 
 
 def _folder_hashes(folder):
@@ -133,7 +133,7 @@ def test_checkpoints_without_run_json_are_refused_and_left_unchanged(tmp_path):
     # they fit, so the run stops instead of guessing (or starting over them).
     model_dir = tmp_path / "run"
     job.run(small_config(model_dir=str(model_dir)))
-    (model_dir / checkpoint.RUN_FILE).unlink()
+    (model_dir / layout.RUN_FILE).unlink()
     before = _folder_hashes(model_dir)
     assert any(name.startswith("checkpoints/ckpt-") for name in before)
     with pytest.raises(UserError) as info:
@@ -148,7 +148,7 @@ def test_a_folder_without_run_json_or_checkpoints_is_a_fresh_start(tmp_path):
     (model_dir / "notes").mkdir(parents=True)  # Something else already there: fine.
     summary = job.run(small_config(model_dir=str(model_dir)))
     assert summary["global_step"] == 256 // 32
-    assert (model_dir / checkpoint.RUN_FILE).is_file()
+    assert (model_dir / layout.RUN_FILE).is_file()
     assert (model_dir / "notes").is_dir()
 
 

@@ -201,24 +201,21 @@ def test_unusable_path_creates_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-ENTRIES = ("run.json", "checkpoints", "best", "train", "validation")
-
-
 def test_metrics_file_naming_the_model_dir_refused_before_training(tmp_path):
     # Checked in the other order, both pass, and the write fails only after training.
     same = str(tmp_path / "run")
     with pytest.raises(UserError, match=r"^--metrics_file .* is a folder; pass a file path"):
-        files.check_outputs(metrics_file=same, model_dir=same, model_dir_entries=ENTRIES)
+        files.check_outputs(metrics_file=same, model_dir=same)
 
 
-@pytest.mark.parametrize("inside", ["run.json", "checkpoints/m.json", "./best"])
+@pytest.mark.parametrize("inside", ["run.json", "checkpoints/m.json", "./best", "profile/m.json",
+                                    "comparison.json"])
 def test_metrics_file_over_a_model_dir_entry_refused(tmp_path, inside):
     model_dir = tmp_path / "run"
     model_dir.mkdir()
     (model_dir / "run.json").write_text('{"policy": "float32"}\n')
     with pytest.raises(UserError) as info:
-        files.check_outputs(metrics_file=str(model_dir / inside), model_dir=str(model_dir),
-                                model_dir_entries=ENTRIES)
+        files.check_outputs(metrics_file=str(model_dir / inside), model_dir=str(model_dir))
     assert "which the run keeps in --model_dir" in str(info.value)
     assert (model_dir / "run.json").read_text() == '{"policy": "float32"}\n'
     assert os.listdir(model_dir) == ["run.json"]  # Nothing made for the refused file.
@@ -226,7 +223,6 @@ def test_metrics_file_over_a_model_dir_entry_refused(tmp_path, inside):
 
 def test_metrics_file_beside_the_run_in_model_dir_accepted(tmp_path):
     model_dir = tmp_path / "new" / "run"
-    files.check_outputs(metrics_file=str(model_dir / "metrics.json"),
-                            model_dir=str(model_dir), model_dir_entries=ENTRIES)
+    files.check_outputs(metrics_file=str(model_dir / "metrics.json"), model_dir=str(model_dir))
     assert model_dir.is_dir() and os.listdir(model_dir) == []
     files.check_outputs(metrics_file=None, model_dir=None)  # Neither flag: nothing to do.

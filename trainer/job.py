@@ -11,11 +11,13 @@ from trainer.core.steps import Trainer
 from trainer.errors import TrainingStopped, UserError
 from trainer.loop import fit_loop
 from trainer.loop.actions import PeriodicAction
+from trainer.loop.profiling import StepProfiler
 from trainer.loop.preemption import PreemptionWatcher
 from trainer.outputs import checkpoint, console, export, files
 from trainer.outputs.summaries import SummaryWriter
 from trainer.runtime import devices, distribution
 from trainer.runtime.lockstep import Lockstep, check_restored_steps
+from trainer.tools import numerics
 
 
 def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
@@ -25,7 +27,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     Every check of user input (model name and arguments, device, data files, output paths,
     a model_dir from another run) happens before the first step, so a mistake costs seconds
     and changes nothing on disk. Every worker of a multi-worker job runs this same sequence;
-    the collectives in it go through :mod:`trainer.lockstep`.
+    the collectives in it go through :mod:`trainer.runtime.lockstep`.
 
     Args:
       config: the run's settings.
@@ -39,9 +41,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     """
     if trainer_cls is Trainer:
         registry.check_model_args(config.model, config.model_args)
-    files.check_outputs(
-        metrics_file=config.metrics_file, model_dir=config.model_dir,
-        model_dir_entries=(checkpoint.RUN_FILE, "checkpoints", "best", "train", "validation"))
+    files.check_outputs(metrics_file=config.metrics_file, model_dir=config.model_dir)
     if config.export_dir:
         export.check_export_dir(config.export_dir)
     distribution.prepare(config)  # TF_CONFIG and the Gaudi card: before TensorFlow starts.
@@ -61,7 +61,6 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
         if mode == "bar" and verbose else None
     summaries = SummaryWriter(config.model_dir, enabled=cluster.is_chief)
     if config.numerics_every:  # Off: no action at all, the step loops are unchanged.
-        from trainer.tools import numerics
         actions = [*actions, numerics.periodic_action(trainer, summaries, steps)]
     start_step = int(trainer.global_step.numpy())
     final_step = config.epochs * trainer.datasets.steps_per_epoch
@@ -71,8 +70,6 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
                 print(f"{config.model_dir} is already at step {start_step}, the final step of "
                       f"--epochs={config.epochs}; nothing to train (pass a larger --epochs to "
                       "train further)", flush=True)
-    from trainer.loop.profiling import StepProfiler  # --profile_steps: a trace of whole loops.
-
     profiler = StepProfiler.from_config(config, is_chief=cluster.is_chief, step=start_step)
     try:
         with PreemptionWatcher() as watcher, profiler:
@@ -104,7 +101,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     if cluster.num_workers > 1:  # Every worker: equal checksums show the replicas stayed in sync.
         print(distribution.worker_line(cluster, summary), flush=True)
     _check_finite_end(trainer, test, checkpointer)
-    if config.export_dir:  # Every worker: saving is a collective (trainer/export.py).
+    if config.export_dir:  # Every worker: saving is a collective (trainer/outputs/export.py).
         signature = export.export_model(trainer, config.export_dir, is_chief=cluster.is_chief)
         with steps.chief_only() as chief:
             if chief and verbose:

@@ -16,7 +16,8 @@ from typing import Iterator, List
 
 from absl import flags
 
-from trainer.config import TrainConfig
+from trainer import registry  # TF-free: the zoo (and TensorFlow) loads at the first lookup.
+from trainer.config import TrainConfig, dataset_names
 
 # Field type (as TrainConfig annotates it) -> absl DEFINE function. Mappings and loss scales
 # are given as text; TrainConfig parses them ('units=64', 'dynamic', '1024').
@@ -67,7 +68,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
                                          flag_values=flag_values)
         else:
             raise TypeError(f"TrainConfig.{field.name} has type {hints[field.name]}, which has "
-                            "no flag kind; add it to trainer/flags.py's _DEFINERS")
+                            "no flag kind; add it to trainer/cli/config_flags.py's _DEFINERS")
         names.append(field.name)
     return names
 
@@ -85,8 +86,6 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, **overrides) 
 
 def describe_models() -> str:
     """One line per registered model: its name and ``--model_args`` with their defaults."""
-    from trainer import registry  # Imports the zoo, and so TensorFlow: only for --help.
-
     lines = []
     for name in registry.model_names():
         params = inspect.signature(registry.get_model_builder(name)).parameters.values()
@@ -105,8 +104,6 @@ def _show(value) -> str:
 
 def describe_registries(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Adds the registered models and datasets to the help of --model and --dataset."""
-    from trainer.config import dataset_names
-
     flag_values["model"].help = (f"{flag_values['model'].help} Registered models and their "
                                  f"--model_args defaults: {describe_models()}.")
     flag_values["dataset"].help = (f"{flag_values['dataset'].help} Datasets: "

@@ -62,7 +62,7 @@ class Trainer:
 
     Input: step ``s`` trains on examples ``[s * batch_size, (s + 1) * batch_size)`` of the
     training stream. Data held in memory (``Datasets.in_graph_input``) is gathered inside the
-    compiled step loop (``self.in_graph_input``, see ``trainer/in_graph.py``; one
+    compiled step loop (``self.in_graph_input``, see ``trainer/data/in_graph.py``; one
     replica, not on Gaudi); otherwise ``train_iterator`` reads the tf.data pipeline. Both give
     the same batches.
 

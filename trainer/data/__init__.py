@@ -21,12 +21,12 @@ Evaluation batches have static shapes too: ``(features, labels, weights)``, alwa
 ``batch_size`` examples. The last partial batch is padded with copies of its last example
 that weigh 0 (real examples weigh 1); the Trainer weighs the loss and every metric by them.
 
-Where each part lives: this module holds the entry points (:func:`load_arrays` by dataset
-name, :func:`from_arrays`, :func:`from_datasets`, :func:`dataset_shapes`) and re-exports the
-rest; ``trainer/arrays.py`` the in-memory dataset and its checks, ``trainer/sources.py`` the
-built-in datasets' files, ``trainer/tfds_source.py`` TensorFlow Datasets, and
-``trainer/pipelines.py`` the ``tf.data`` pipelines.
-"""
+Where each part lives: this package's ``__init__`` holds the entry points (:func:`load_arrays`
+by dataset name, :func:`from_arrays`, :func:`from_datasets`, :func:`dataset_shapes`) and
+re-exports the rest; ``arrays`` the in-memory dataset and its checks, ``sources`` the built-in
+datasets' files, ``tfds_source`` TensorFlow Datasets, ``pipelines`` the ``tf.data`` pipelines,
+``in_graph`` the input gathered inside the compiled step loop.
+
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from trainer.compat import keras, tf
+from trainer.config import DATASET_SHAPES
 from trainer.data import sources, tfds_source
 from trainer.data.arrays import Arrays, check_arrays, target_kind
 from trainer.data.pipelines import Datasets, InMemoryTrain, full_batches, make_datasets, to_float
@@ -49,12 +50,6 @@ __all__ = [
     "load_arrays", "make_datasets", "read_idx", "to_float",
 ]
 
-# (image shape, classes) of each dataset, known without loading it (the audit needs no data).
-DATASET_SHAPES = {
-    "fashion_mnist": ((28, 28, 1), 10),
-    "mnist": ((28, 28, 1), 10),
-    "synthetic": ((28, 28, 1), 10),
-}
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 

@@ -3,8 +3,8 @@
 Every dataset is checked when it is loaded (as many targets as images, the same image shape in
 both splits; integer targets are class ids in ``[0, num_classes)``, float targets must be
 finite), so a bad file or array stops the run before training. No TensorFlow here: the
-loaders in ``trainer/sources.py`` and ``trainer/tfds_source.py`` build these arrays and the
-pipelines in ``trainer/pipelines.py`` consume them.
+loaders in ``trainer/data/sources.py`` and ``trainer/data/tfds_source.py`` build these arrays and the
+pipelines in ``trainer/data/pipelines.py`` consume them.
 """
 
 from __future__ import annotations

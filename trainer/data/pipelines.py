@@ -117,7 +117,7 @@ def to_float(images: tf.Tensor) -> tf.Tensor:
     if images.dtype == tf.uint8:
         # A multiply, not `/ 255`: graph optimisation turns that division into this multiply
         # in a compiled step but not in a tf.data map, and the in-graph input
-        # (trainer/in_graph_input.py) must give the very same floats as the pipeline.
+        # (trainer/data/in_graph.py) must give the very same floats as the pipeline.
         return tf.cast(images, tf.float32) * (1.0 / 255.0)
     return tf.cast(images, tf.float32)
 

@@ -20,7 +20,7 @@ def tfds_builder(spec: str, data_dir: Optional[str]):
     """The tfds builder of ``spec`` ('tfds:NAME' or 'tfds:NAME/CONFIG'); nothing downloads."""
     name = spec[len("tfds:"):]
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # Optional (pip install mptrain[tfds]); slow to import.
     except ImportError:
         raise UserError(
             f"--dataset={spec} reads TensorFlow Datasets, but tensorflow-datasets is not installed "

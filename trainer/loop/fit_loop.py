@@ -90,7 +90,7 @@ class FitLoop:
     """The standard training run: which actions run when, and the state they share.
 
     Every method here runs on every worker; output goes through ``lockstep.chief_only()``
-    from values already reduced (see :mod:`trainer.lockstep` for the rule).
+    from values already reduced (see :mod:`trainer.runtime.lockstep` for the rule).
 
     Args:
       trainer: does the steps (*what*).

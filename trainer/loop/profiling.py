@@ -10,11 +10,12 @@ loops at the same steps (they run in lockstep); only the chief traces, into
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
+from trainer.compat import tf
 from trainer.config import TrainConfig, parse_profile_steps
 from trainer.loop.actions import PeriodicAction
+from trainer.outputs import layout
 
 
 class StepProfiler(PeriodicAction):
@@ -47,7 +48,7 @@ class StepProfiler(PeriodicAction):
         if not config.profile_steps:
             return cls(0, 0, "", enabled=False)  # An empty range: no action, no trace.
         start, end = parse_profile_steps(config.profile_steps)
-        return cls(start, end, os.path.join(config.model_dir, "profile"), enabled=is_chief,
+        return cls(start, end, layout.profile(config.model_dir), enabled=is_chief,
                    step=step)
 
     @property
@@ -74,15 +75,11 @@ class StepProfiler(PeriodicAction):
     def _start_trace(self) -> None:
         self.running = True
         if self.enabled:
-            from trainer.compat import tf
-
             tf.profiler.experimental.start(self.logdir)
 
     def stop(self) -> None:
         """Ends the trace and writes it (idempotent)."""
         if self.running and self.enabled:
-            from trainer.compat import tf
-
             tf.profiler.experimental.stop()
         self.running = False
         self.done = True

@@ -17,10 +17,9 @@ from typing import Optional
 
 from trainer.compat import tf
 from trainer.errors import UserError, warn
-from trainer.outputs import files
+from trainer.outputs import files, layout
 from trainer.runtime import lockstep
 
-RUN_FILE = "run.json"
 # Settings a checkpoint is only valid under; `policy` may be relaxed by --allow_policy_change
 # (variables are float32 under every mixed policy, so weights carry over).
 _MUST_MATCH = ("model", "model_args", "architecture", "optimizer", "dataset", "batch_size",
@@ -80,11 +79,11 @@ def check_compatible(model_dir: str, signature: dict, *, allow_policy_change: bo
     Returns:
       True when ``model_dir`` already belongs to this run (a resume), False when it is new.
     """
-    path = os.path.join(model_dir, RUN_FILE)
+    path = layout.run_file(model_dir)
     if not os.path.exists(path):
-        if tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")):
+        if tf.train.latest_checkpoint(layout.checkpoints(model_dir)):
             raise UserError(
-                f"{model_dir} holds checkpoints but no {RUN_FILE}, so their model is unknown; "
+                f"{model_dir} holds checkpoints but no {layout.RUN_FILE}, so their model is unknown; "
                 "use a new --model_dir")
         return False
     try:
@@ -144,10 +143,10 @@ class Checkpointer:
         root = model_dir if is_chief else tempfile.mkdtemp(prefix="worker-ckpt-")
         self._scratch = None if is_chief else root
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(root, "checkpoints"), max_to_keep=keep,
+            self.checkpoint, layout.checkpoints(root), max_to_keep=keep,
             step_counter=trainer.global_step, checkpoint_name="ckpt")
         self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(root, "best"), max_to_keep=1, checkpoint_name="best")
+            self.checkpoint, layout.best(root), max_to_keep=1, checkpoint_name="best")
 
     def restore_or_initialize(self) -> Optional[str]:
         """Restores the newest readable checkpoint; returns its path, or None when there is none.
@@ -160,7 +159,7 @@ class Checkpointer:
         Raises:
           UserError: when checkpoints exist but none can be read, or they do not fit.
         """
-        directory = os.path.join(self.model_dir, "checkpoints")
+        directory = layout.checkpoints(self.model_dir)
         state = tf.train.get_checkpoint_state(directory)
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         if not candidates:
@@ -258,6 +257,7 @@ def _unmatched_objects(status) -> list:
         return []
     except AssertionError:
         pass
+    # TensorFlow's private module, imported only where its private helper is used.
     from tensorflow.python.checkpoint import \
         checkpoint as tf_checkpoint  # noqa: E501 pylint: disable=g-direct-tensorflow-import
 
@@ -275,7 +275,7 @@ def _first_line(error: Exception) -> str:
 def write_run_file(model_dir: str, signature: dict) -> None:
     """Records the run's signature so a later start can tell a resume from a foreign folder."""
     os.makedirs(model_dir, exist_ok=True)
-    path = os.path.join(model_dir, RUN_FILE)
+    path = layout.run_file(model_dir)
     try:
         with open(path) as f:
             if json.load(f) == json.loads(json.dumps(signature)):

@@ -12,7 +12,7 @@ with several). The computation runs under the training policy (bf16 math under
 
 Saving reads every model variable, and variables that sync on read (a BatchNorm's moving
 statistics under a multi-worker strategy) all-reduce when read: it is a collective. So every
-worker exports, in the same order (the lockstep rule, ``trainer/lockstep.py``); non-chief
+worker exports, in the same order (the lockstep rule, ``trainer/runtime/lockstep.py``); non-chief
 workers write into a scratch folder that is deleted. The chief writes into a hidden folder
 next to ``PATH`` and renames it into place, so a crash never leaves half a SavedModel there.
 """

@@ -12,9 +12,10 @@ import json
 import os
 import stat
 import tempfile
-from typing import IO, Iterator, List, Optional, Sequence
+from typing import IO, Iterator, List, Optional
 
 from trainer.errors import UserError
+from trainer.outputs.layout import ENTRIES
 
 
 def check_output_file(path: str, flag: str = "--metrics_file") -> None:
@@ -70,8 +71,7 @@ def check_output_dir(path: str, flag: str = "--model_dir") -> None:
     _check_folder(os.path.realpath(path), flag, path)
 
 
-def check_outputs(*, metrics_file: Optional[str], model_dir: Optional[str],
-                  model_dir_entries: Sequence[str] = ()) -> None:
+def check_outputs(*, metrics_file: Optional[str], model_dir: Optional[str]) -> None:
     """Checks ``--model_dir`` and ``--metrics_file`` together, before training.
 
     The folder is checked first, so a metrics file that names it is refused now rather than
@@ -81,8 +81,6 @@ def check_outputs(*, metrics_file: Optional[str], model_dir: Optional[str],
     Args:
       metrics_file: the ``--metrics_file`` value, or None / '' for none.
       model_dir: the ``--model_dir`` value, or None / '' for none.
-      model_dir_entries: the names the run keeps at the top of ``model_dir``
-        (e.g. 'run.json', 'checkpoints').
 
     Raises:
       UserError: one line naming the flag to change.
@@ -94,7 +92,7 @@ def check_outputs(*, metrics_file: Optional[str], model_dir: Optional[str],
     if model_dir and "\0" not in metrics_file:
         inside = os.path.relpath(os.path.realpath(metrics_file), os.path.realpath(model_dir))
         entry = inside.split(os.sep)[0]
-        if entry in model_dir_entries:
+        if entry in ENTRIES:
             raise UserError(
                 f"--metrics_file {metrics_file!r} would overwrite {entry!r}, which the run keeps "
                 f"in --model_dir; pass another --metrics_file such as "

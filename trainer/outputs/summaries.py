@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 from trainer.compat import tf
+from trainer.outputs import layout
 
 
 class SummaryWriter:
@@ -25,7 +25,8 @@ class SummaryWriter:
         if not self._model_dir:
             return
         if split not in self._writers:
-            self._writers[split] = tf.summary.create_file_writer(os.path.join(self._model_dir, split))
+            self._writers[split] = tf.summary.create_file_writer(
+                layout.summaries(self._model_dir, split))
         with self._writers[split].as_default(step=step):
             for name, value in values.items():
                 tf.summary.scalar(name, value)

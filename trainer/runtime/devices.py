@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import importlib
 import importlib.util
+import os
 import sys
 from typing import Optional, Tuple
 
@@ -25,6 +26,8 @@ from trainer.errors import UserError, warn
 HABANA_MODULE = "habana_frameworks.tensorflow"
 HABANA_TF_VERSION = "2.15.0"
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Forces the CPU bf16 answer ('0' or '1'); see cpu_bf16_flags.
+CPU_BF16_ENV = "TRAINER_CPU_BF16"
 # Module-level so tests can point it at a fake cpuinfo.
 CPUINFO_PATH = "/proc/cpuinfo"
 # The Gaudi driver's file that the bridge reads for the card type while it loads (1.14:
@@ -72,8 +75,41 @@ def _cpu_flags(cpuinfo_path: Optional[str] = None) -> set:
     return set((_cpuinfo_field("flags", cpuinfo_path) or "").split())
 
 
+def _forced_cpu_bf16() -> Optional[bool]:
+    """TRAINER_CPU_BF16 as a bool: None when unset or empty (see :func:`cpu_bf16_flags`).
+
+    Raises:
+      UserError: any value but '0', '1' or ''.
+    """
+    value = os.environ.get(CPU_BF16_ENV, "").strip()
+    if value in ("", "0", "1"):
+        return None if not value else value == "1"
+    raise UserError(
+        f"{CPU_BF16_ENV}={value!r}: set it to 0 (act as on a CPU without bf16 instructions) or "
+        f"1 (as on one with them), or unset it to read the CPU's flags from {CPUINFO_PATH}")
+
+
 def cpu_bf16_flags(cpuinfo_path: Optional[str] = None) -> list:
-    """The CPU's bf16 instruction-set flags (AMX, AVX512-BF16) found in /proc/cpuinfo."""
+    """The CPU's bf16 instruction-set flags (AMX, AVX512-BF16) found in /proc/cpuinfo.
+
+    The environment variable ``TRAINER_CPU_BF16`` (:data:`CPU_BF16_ENV`) forces the answer
+    for this machine's CPU, i.e. when ``cpuinfo_path`` is not given; a process started from
+    this one inherits it. It lets one machine run the code, and the test suite, as on another
+    kind of CPU (e.g. an AMD EPYC without AVX512-BF16, where ``--policy=mixed_bfloat16`` on
+    the CPU prints the slow-bf16 ``warning:`` line):
+
+    - ``0``: ``[]``, as on a CPU without bf16 instructions;
+    - ``1``: ``['TRAINER_CPU_BF16=1']`` (the setting in place of the flags, so the device
+      banner says where the answer came from), as on a CPU with them;
+    - unset or empty: the flags read from ``cpuinfo_path`` or /proc/cpuinfo.
+
+    Raises:
+      UserError: ``TRAINER_CPU_BF16`` is set to anything else.
+    """
+    if cpuinfo_path is None:
+        forced = _forced_cpu_bf16()
+        if forced is not None:
+            return [f"{CPU_BF16_ENV}=1"] if forced else []
     flags = _cpu_flags(cpuinfo_path)
     return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
 
@@ -193,6 +229,8 @@ def _gpu_info(gpu) -> DeviceInfo:
 def _cpu_info() -> DeviceInfo:
     flags = cpu_bf16_flags()
     has = f"bf16 instructions: {', '.join(flags)}" if flags else "no bf16 instructions"
+    if _forced_cpu_bf16() is False:
+        has += f": {CPU_BF16_ENV}=0"  # As '1' shows: the banner says it was forced.
     return DeviceInfo("cpu", "/device:CPU:0", f"{_cpu_model()} ({has})", bool(flags),
                       fast_fp16=bool(_cpu_flags() & {"avx512_fp16", "amx_fp16"}))
 

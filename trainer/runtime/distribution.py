@@ -24,11 +24,13 @@ import inspect
 import json
 import os
 import re
+import threading
+import time
 from typing import Iterator, MutableMapping, Optional
 
 from trainer.compat import tf
 from trainer.errors import UserError
-from trainer.runtime import worker_env
+from trainer.runtime import devices, lockstep, worker_env
 
 HABANA_STRATEGY_MODULE = "habana_frameworks.tensorflow.distribute"
 # A collective that waits longer than this for a peer fails (DeadlineExceeded) instead of
@@ -73,8 +75,6 @@ class Cluster:
 
 
 def _wants_habana(config) -> bool:
-    from trainer.runtime import devices  # Only lists module specs; imports nothing heavy.
-
     return (config.distribution == "hpu" or config.device == "hpu"
             or (config.device == "auto" and devices.habana_available()))
 
@@ -163,8 +163,6 @@ def setup(config, device) -> Cluster:
     if os.environ.get("TF_CONFIG"):
         tf_config = worker_env.read_tf_config(os.environ["TF_CONFIG"])
         worker_env.check_port_free(worker_env.own_address(tf_config))
-    from trainer.runtime import lockstep  # Deferred like the other TF-side imports here.
-
     lockstep.fault_point("setup")
     try:
         strategy = _collective_strategy(kind)
@@ -197,9 +195,6 @@ def _watch_peers(jobs: dict, *, own) -> None:
     refuses at once. The blocked collective then raises UnavailableError, which
     :func:`worker_failures_as_errors` turns into one line. Three failed probes in a row count.
     """
-    import threading  # Only multi-worker runs start the thread.
-    import time
-
     from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
 
     peers = [f"/job:{job}/replica:0/task:{i}" for job in ("chief", "worker")

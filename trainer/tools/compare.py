@@ -21,7 +21,7 @@ from trainer.core.steps import Trainer
 from trainer.errors import ConfigError, UserError
 from trainer.loop import fit_loop
 from trainer.loop.actions import PeriodicAction
-from trainer.outputs import console, files
+from trainer.outputs import console, files, layout
 from trainer.runtime import devices
 
 CSV_FIELDS = ("policy", "status", "note", "ms_per_step", "examples_per_sec", "speedup_vs_float32",
@@ -246,9 +246,9 @@ def draw_plot(rows: List[dict], title: str):
     first epoch's includes the tracing loop, which a note on the plot says. Every label stays
     inside its frame.
     """
-    import matplotlib
+    import matplotlib  # Here: only --compare_policies draws, and matplotlib is slow to import.
     matplotlib.use("Agg")  # Files only: no display needed.
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # After use("Agg").
 
     figure = Figure(figsize=(12, 4.5))
     curves, bars = figure.subplots(1, 2)
@@ -333,7 +333,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer) -> dict:
     if not config.model_dir:
         raise UserError("--compare_policies writes comparison.json/.csv/.png into --model_dir; "
                         "pass --model_dir=DIR")
-    paths = {ext: os.path.join(config.model_dir, f"comparison.{ext}") for ext in ("json", "csv", "png")}
+    paths = layout.comparison(config.model_dir)
     files.check_output_file(paths["json"])
     if trainer_cls is Trainer:
         registry.check_model_args(config.model, config.model_args)

@@ -28,8 +28,8 @@ BatchNormalization uses batch statistics, as in training. ``build_model`` is cal
 to build the two copies the passes run on, so the training model's state is never touched.
 
 Where each part lives: this module runs the inspector on a Trainer (``run.py --numerics``,
-``--numerics_every``) and prints its report; ``trainer/numerics_measure.py`` computes the
-per-layer statistics and the recommendation (re-exported here), ``trainer/numerics_passes.py``
+``--numerics_every``) and prints its report; ``trainer/tools/numerics/measure.py`` computes the
+per-layer statistics and the recommendation (re-exported here), ``trainer/tools/numerics/passes.py``
 runs the two forward and backward passes.
 """
 

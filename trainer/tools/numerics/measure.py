@@ -3,8 +3,8 @@
 :func:`inspect` compares the two passes layer by layer, searches the safe loss scales and
 writes each layer's notes.
 
-``trainer/numerics.py`` runs it on a Trainer and prints the report (:class:`NumericsReport`);
-the passes it compares are in ``trainer/numerics_passes.py``.
+``trainer/tools/numerics/__init__.py`` runs it on a Trainer and prints the report (:class:`NumericsReport`);
+the passes it compares are in ``trainer/tools/numerics/passes.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The loss is built as ``Trainer._gradients_fn`` builds it. Outputs are taken with call hooks
 on the model's top-level layers (``model.layers``); Dropout-like layers (at any depth) run as
 the identity, so a pass under the policy and one under float32 compute the same function.
-The statistics are in ``trainer/numerics_measure.py``.
+The statistics are in ``trainer/tools/numerics/measure.py``.
 """
 
 from __future__ import annotations
