@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import pytest
 from absl import flags
@@ -185,7 +186,7 @@ def test_enum_flags_come_from_the_config_lists():
                           ("progress", PROGRESS)):
         assert flag_values[name].parser.enum_values == list(choices), name
     # Open registries stay text, checked by TrainConfig: models registered by user code,
-    # datasets of trainer/data.py and tfds:NAME.
+    # datasets of trainer/data/__init__.py and tfds:NAME.
     assert not hasattr(flag_values["model"].parser, "enum_values")
     assert not hasattr(flag_values["dataset"].parser, "enum_values")
     flag_values(["run.py", "--dataset=tfds:mnist/3.0.1"])
@@ -247,14 +248,20 @@ def test_start_up_is_quiet_unless_verbose():
 
 
 def test_installed_package_imports_from_any_folder(tmp_path):
+    # A user's project with its own `models` package: the zoo is trainer.models, found
+    # through the registry's table, so this one neither shadows it nor gets imported.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('user models imported')\n")
     proc = subprocess.run(
-        [sys.executable, "-c", "import trainer, models, trainer.cli; "
-         "print(trainer.__file__); print(models.__file__)"],
+        [sys.executable, "-c", "import trainer, trainer.cli.main; from trainer import registry; "
+         "print(trainer.__file__); print(registry.model_names()); "
+         "print(trainer.data.from_arrays.__module__)"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr  # `make setup` installs it (pip install -e .).
-    assert proc.stdout.split() == [str(ROOT / "trainer" / "__init__.py"),
-                                   str(ROOT / "models" / "__init__.py")]
+    assert proc.stdout.split("\n")[:3] == [
+        str(ROOT / "trainer" / "__init__.py"), "['cnn', 'mlp', 'resnet', 'transformer']",
+        "trainer.data"]
     # The console script is the same command as run.py: a bad value, one line, no TensorFlow.
     script = os.path.join(os.path.dirname(sys.executable), "mptrain")
     bad = subprocess.run([script, "--policy=float16"], cwd=tmp_path, capture_output=True,
@@ -263,3 +270,30 @@ def test_installed_package_imports_from_any_folder(tmp_path):
     assert bad.stderr.splitlines() == [
         "error: flag --policy=float16: value should be one of "
         "<float32|mixed_bfloat16|mixed_float16>; see --helpfull for the flags"]
+
+
+def test_a_built_wheel_holds_every_subpackage_and_imports(tmp_path):
+    """A non-editable install: the wheel of pyproject.toml, installed into a folder of its own."""
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "wheel"), str(ROOT)],
+        capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("mptrain-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = {name for name in archive.namelist() if name.endswith(".py")}
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "trainer").rglob("*.py")}
+    assert packaged == sources  # Every module of every subpackage, and nothing at the top.
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+         str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import trainer; print(trainer.__file__); "
+         "print(trainer.data.from_arrays.__module__, trainer.Trainer.__module__)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(site / "trainer" / "__init__.py"), "trainer.data",
+                                   "trainer.core.steps"]

@@ -26,7 +26,7 @@ by dataset name, :func:`from_arrays`, :func:`from_datasets`, :func:`dataset_shap
 re-exports the rest; ``arrays`` the in-memory dataset and its checks, ``sources`` the built-in
 datasets' files, ``tfds_source`` TensorFlow Datasets, ``pipelines`` the ``tf.data`` pipelines,
 ``in_graph`` the input gathered inside the compiled step loop.
-
+"""
 
 from __future__ import annotations
 
