@@ -8,7 +8,9 @@ included, after ``--steps`` steps), ``first_step_s`` (building the Trainer, then
 ``train_steps(1)``: tracing, graph optimisation and XLA compilation of the update included)
 and ``import_s``. A fresh process per measurement, because peak RSS only ever grows.
 ``benchmarks/run.py --footprint`` runs it for every configuration. It uses only the public
-Trainer API, so ``PYTHONPATH=<an older checkout>`` measures that version's code ("before").
+Trainer API, so ``PYTHONPATH=<an older checkout>`` measures that version's code ("before"),
+read through that checkout's ``benchmarks/suite.py`` (BENCHES, OursRunner): a checkout from
+before suite.py existed (they were in its benchmarks/run.py) fails with ModuleNotFoundError.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ _STARTED = time.perf_counter()
 
 
 def measure(bench_index: int, policy: str, variant: str, steps: int) -> Dict[str, float]:
-    from benchmarks.run import BENCHES, OursRunner  # Imports TensorFlow.
+    # Here, not at the top: this imports TensorFlow and the trainer, and ``import_s`` times that
+    # import from the process's start; ``run`` and ``--before`` (the parent side) need neither.
+    from benchmarks.suite import BENCHES, OursRunner
 
     imported = time.perf_counter()
     bench = BENCHES[bench_index]
@@ -59,7 +63,7 @@ def run(bench_index: int, policy: str, variant: str, *, steps: int = 50,
     """Runs :func:`measure` in a fresh Python process; returns its result."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pythonpath, root) if p))
-    # The script, not `-m`: with PYTHONPATH=<older checkout> first, `benchmarks.run` and
+    # The script, not `-m`: with PYTHONPATH=<older checkout> first, `benchmarks.suite` and
     # `trainer` come from that checkout (which may have no footprint.py of its own).
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--bench={bench_index}",
@@ -90,7 +94,7 @@ def end_to_end(trees: Dict[str, str], *, rounds: int = 3,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", type=int, default=0, help="Index into run.BENCHES.")
+    parser.add_argument("--bench", type=int, default=0, help="Index into suite.BENCHES.")
     parser.add_argument("--policy", default="mixed_bfloat16")
     parser.add_argument("--variant", default="ours")
     parser.add_argument("--steps", type=int, default=50)

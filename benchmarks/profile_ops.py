@@ -41,6 +41,8 @@ def profile_ops(fn: Callable[[], None], *, calls: int = 2) -> Dict[str, float]:
     Op time is summed over the executor's compute threads (ops on two threads overlap), so
     shares, not absolute times, are meaningful.
     """
+    # Here, not at the top: a TensorFlow-internal module (not public API), needed only when a
+    # profile is read, so importing this module (and benchmarks/run.py) does not depend on it.
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     logdir = tempfile.mkdtemp(prefix="bench-profile-")

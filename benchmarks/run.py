@@ -18,7 +18,6 @@ ever slow a measurement down), so slow phases of the machine hit all runners ali
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -28,142 +27,15 @@ from typing import Dict
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import flops, profile_ops  # noqa: E402
+from benchmarks import flops, footprint, profile_ops  # noqa: E402
+from benchmarks.suite import (  # noqa: E402
+    BENCHES, EXPERIMENT_MODELS, EXPERIMENTS, INPUT_BASELINE, LEVERS, POLICIES, Bench, OursRunner,
+    train_config)
 from trainer import registry  # noqa: E402
 from trainer.compat import keras, mixed_precision, tf  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
 from trainer.core import optimizers, precision  # noqa: E402
-from trainer.core.steps import Trainer  # noqa: E402
 from trainer.outputs import files  # noqa: E402
 from trainer.runtime import devices  # noqa: E402
-
-POLICIES = ("float32", "mixed_bfloat16")
-# Our loop with one lever changed; on every configuration, to show what in-graph input buys.
-INPUT_BASELINE = "ours+tf.data"
-# ... and what the whole optimizer update as one XLA computation would change (Keras compiles
-# one per variable, the default).
-WHOLE_STEP_UPDATE = "ours+whole_step_update"
-LEVERS = (INPUT_BASELINE, WHOLE_STEP_UPDATE)
-# Only on the compute-bound configurations (see OursRunner), with the policies each applies to.
-EXPERIMENTS = {"ours+unfused_update": POLICIES, "ours+jit": POLICIES,
-               "ours+cast_once": ("mixed_bfloat16",), "ours+onednn_amp": ("mixed_bfloat16",),
-               "ours+fused_ops": POLICIES}
-# Experiments that only exist for some models.
-EXPERIMENT_MODELS = {"ours+fused_ops": ("transformer",)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Bench:
-    """One benchmarked configuration."""
-
-    name: str
-    model: str
-    model_args: dict
-    batch_size: int
-    steps_per_loop: int
-    # Time the experiments (EXPERIMENTS) too: the compute-bound configurations (wide MLP,
-    # wide transformer) and the default transformer, whose MFU is the lowest.
-    experiments: bool = False
-
-
-BENCHES = (
-    Bench("mlp (seed, units 256)", "mlp", {"units": 256}, 128, 100),
-    Bench("mlp wide (units 2048)", "mlp", {"units": 2048}, 256, 10, experiments=True),
-    Bench("cnn", "cnn", {}, 128, 10),
-    Bench("resnet", "resnet", {}, 128, 10),
-    Bench("transformer", "transformer", {}, 128, 10, experiments=True),
-    Bench("transformer wide (dim 128, mlp x4)", "transformer",
-          {"dim": 128, "heads": 4, "mlp_ratio": 4}, 128, 5, experiments=True),
-)
-
-
-def _config(bench: Bench, policy: str, **overrides) -> TrainConfig:
-    return TrainConfig(model=bench.model, model_args=bench.model_args, policy=policy,
-                       dataset="synthetic", synthetic_examples=8192, validation_split=0.0,
-                       batch_size=bench.batch_size, steps_per_loop=bench.steps_per_loop,
-                       optimizer="adam", verbose=False, **overrides)
-
-
-class PipelineTrainer(Trainer):
-    """Our Trainer reading the tf.data pipeline (the input path before in-graph input).
-
-    ``train`` is replaced by an equal pipeline, so ``Datasets.in_graph_input`` is None.
-    """
-
-    def build_datasets(self):
-        datasets = super().build_datasets()
-        return dataclasses.replace(datasets, train=datasets.train_from(0))
-
-
-_ONEDNN_AMP = {"auto_mixed_precision_onednn_bfloat16": True}
-
-
-def whole_step_update(trainer: Trainer) -> None:
-    """Experiment: the whole optimizer update of a step as one XLA computation.
-
-    Keras compiles each variable's update separately (``optimizers.fuse_updates``); here one
-    ``tf.function(jit_compile=True)`` holds every variable's update, the step counter and the
-    schedule. Default strategy only (a distributed update calls ``merge_call``). Call before
-    the first step; ``tests/test_benchmarks.py`` checks the weights equal the default's.
-    """
-    inner = trainer.loss_scaler.inner_optimizer
-    inner.jit_compile = False  # No per-variable computations inside the whole one.
-
-    @tf.function(jit_compile=True)
-    def apply(gradients, variables):
-        inner.apply_gradients(zip(gradients, variables), skip_gradients_aggregation=True)
-
-    trainer.loss_scaler._apply = lambda gradients, variables: apply(list(gradients),
-                                                                    list(variables.value))
-
-
-class OursRunner:
-    """Our Trainer: ``loops`` compiled calls of ``steps_per_loop`` steps each.
-
-    ``variant``: 'ours' (the defaults: in-graph input for in-memory data, each variable's
-    optimizer update XLA-compiled), 'ours+tf.data' (the tf.data pipeline instead of in-graph
-    input), 'ours+whole_step_update' (:func:`whole_step_update`), 'ours+jit'
-    (``--jit_compile``: XLA forward/backward too), 'ours+unfused_update' (the update as Keras
-    2 runs it on a CPU, not compiled), 'ours+cast_once' (benchmarks/cast_once.py), 'ours+onednn_amp' (the
-    float32 model under TensorFlow's graph-rewrite bf16 auto-mixed-precision for oneDNN, what
-    a CPU user could switch on instead of a Keras policy; timed as a bf16 variant) or
-    'ours+fused_ops' (the transformer built with ``fused_ops=True``).
-    """
-
-    def __init__(self, bench: Bench, policy: str, variant: str = "ours"):
-        self.bench, self.policy, self.kind = bench, policy, variant
-        if variant == "ours+onednn_amp":
-            policy = "float32"
-        cls = Trainer
-        if variant == "ours+tf.data":
-            cls = PipelineTrainer
-        elif variant == "ours+cast_once":
-            from benchmarks.cast_once import CastOnceTrainer as cls
-        if variant == "ours+fused_ops":  # The transformer's fused LayerNorm and tanh GELU.
-            bench = dataclasses.replace(bench, model_args={**bench.model_args, "fused_ops": True})
-        self.trainer = cls(_config(bench, policy, jit_compile=variant == "ours+jit"))
-        if variant == "ours+unfused_update":  # Before the first call traces the step.
-            self.trainer.loss_scaler.inner_optimizer.jit_compile = False
-        if variant == WHOLE_STEP_UPDATE:
-            whole_step_update(self.trainer)
-        self.model = self.trainer.model
-
-    def seconds_per_step(self, loops: int) -> float:
-        amp = self.kind == "ours+onednn_amp"
-        if amp:  # A grappler option: it applies to graphs optimised while it is set.
-            tf.config.optimizer.set_experimental_options(_ONEDNN_AMP)
-        try:
-            start = time.perf_counter()
-            for _ in range(loops):
-                self.trainer.train_steps(self.bench.steps_per_loop)
-            int(self.trainer.global_step.numpy())  # Wait for the last step.
-            return (time.perf_counter() - start) / (loops * self.bench.steps_per_loop)
-        finally:
-            if amp:
-                tf.config.optimizer.set_experimental_options(
-                    {key: False for key in _ONEDNN_AMP})
-
-
 
 class _EpochTimer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
@@ -186,7 +58,7 @@ class FitRunner:
                  fused_update: bool = False):
         self.bench, self.policy, self.data = bench, policy, data
         self.kind = "fit+fused_update" if fused_update else "fit"
-        config = _config(bench, policy)
+        config = train_config(bench, policy)
         keras.utils.set_random_seed(config.seed)
         with precision.policy_scope(policy):
             self.model = registry.build_model(bench.model, input_shape=(28, 28, 1),
@@ -428,7 +300,6 @@ def main(argv=None) -> int:
     print(report(results, peaks))
     footprints = []
     if args.footprint:
-        from benchmarks import footprint
         for bench in benches:
             index = BENCHES.index(bench)
             for policy in POLICIES:
@@ -438,7 +309,7 @@ def main(argv=None) -> int:
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     if args.json:
         files.write_json(args.json, {"device": device.description, "peaks": peaks,
-                                         "results": results, "footprint": footprints})
+                                     "results": results, "footprint": footprints})
     return 0
 
 

@@ -13,7 +13,7 @@ from trainer.core.steps import Trainer
 
 pytest.importorskip("tf_keras")  # benchmarks/cast_once.py reaches into tf_keras (TF >= 2.16).
 
-from benchmarks import cast_once, run  # noqa: E402
+from benchmarks import cast_once, run, suite  # noqa: E402
 
 
 def _weights(trainer):
@@ -59,7 +59,7 @@ def test_whole_step_update_trains_the_same_weights(policy):
     config = small_config(policy=policy, optimizer="adamw", lr_schedule="cosine",
                           warmup_steps=2, deterministic=True)
     default, whole = Trainer(config), Trainer(config)
-    run.whole_step_update(whole)
+    suite.whole_step_update(whole)
     for trainer in (default, whole):
         trainer.train_steps(3)
         trainer.train_steps(4)
@@ -92,7 +92,7 @@ def _result(ms_per_step, flops=1e9):
 
 
 def test_targets_table_reads_this_runs_ratios():
-    kinds = ("ours", *run.LEVERS, "fit", "fit+fused_update")
+    kinds = ("ours", *suite.LEVERS, "fit", "fit+fused_update")
     seed = {f"{kind}/{policy}": _result(ms) for kind in kinds
             for policy, ms in (("float32", 1.0), ("mixed_bfloat16", 1.2))}
     seed["ours/float32"] = _result(0.8)  # ours / fit+fused = 1.25 in float32
