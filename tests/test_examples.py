@@ -1,4 +1,4 @@
-"""The README's examples: they are the files in examples/ (or run as the README shows them),
+"""The examples README.md and docs/data.md show: they are the files in examples/ (or run as shown),
 their losses are right, and they train."""
 
 import importlib.util
@@ -70,12 +70,12 @@ def test_example_trains():
 # ---------------------------------------------------------------- the autoencoder
 
 
-def _readme_blocks():
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def _data_page_blocks():
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "data.md").read_text(), re.S)
 
 
-def test_readme_shows_the_autoencoder_verbatim():
-    assert AUTOENCODER.read_text() in _readme_blocks()
+def test_data_page_shows_the_autoencoder_verbatim():
+    assert AUTOENCODER.read_text() in _data_page_blocks()
 
 
 def test_autoencoder_model_loss_and_dtypes():
@@ -118,11 +118,11 @@ def test_autoencoder_trains():
     assert np.isfinite(mse) and 0 < mse < 0.9 * mean_image_mse, (mse, mean_image_mse)
 
 
-# ---------------------------------------------------------------- from_arrays, as in the README
+# ---------------------------------------------------------------- from_arrays, as docs/data.md shows it
 
 
-def test_readme_from_arrays_script_runs_as_shown(tmp_path):
-    script = [b for b in _readme_blocks() if "data.from_arrays(x_train, y_train" in b
+def test_data_page_from_arrays_script_runs_as_shown(tmp_path):
+    script = [b for b in _data_page_blocks() if "data.from_arrays(x_train, y_train" in b
               and "trainer.TrainConfig(model=\"mlp\"" in b]
     assert len(script) == 1
     proc = subprocess.run([sys.executable, "-c", script[0]], cwd=tmp_path, capture_output=True,

@@ -129,9 +129,14 @@ def test_workers_that_ran_different_collectives_are_stopped_by_the_vote(tmp_path
 
 
 def _readme_commands(prefix: str) -> list:
-    """The README's shell lines that start with ``prefix`` (continuations joined)."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    return [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
+    """The shell lines of README.md and docs/distributed.md that start with ``prefix``
+    (continuations joined, comments dropped); tests/test_docs.py leaves these to this file."""
+    lines = []
+    for page in ("README.md", "docs/distributed.md"):
+        text = (ROOT / page).read_text().replace("\\\n", " ")
+        lines += [re.sub(r"\s+", " ", re.sub(r"\s+#.*$", "", line)).strip()
+                  for line in text.splitlines() if line.strip().startswith(prefix)]
+    return lines
 
 
 def _as_runnable(command: str) -> list:

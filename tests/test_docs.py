@@ -1,0 +1,113 @@
+"""Every command README.md and docs/ show runs as written (small sizes via extra flags only).
+
+A command in a shell block is either run here, or listed in ELSEWHERE / NOT_RUN with the
+reason; a new command in the docs that is neither fails ``test_every_command_is_accounted_for``.
+Each page's commands run in order in one scratch folder (``runs/...`` lands there), beside
+links to run.py, configs/ and the venv, so later commands see what earlier ones wrote.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+COMMAND_WORDS = ("python", "python3", "mpirun", "make", "source", "saved_model_cli",
+                 "tensorboard", "pip", "mptrain", ".venv/bin/python")
+# Appended to every run.py command: a small synthetic dataset, one epoch.
+SMALL = ("--dataset=synthetic", "--synthetic_examples=512", "--batch_size=64", "--epochs=1")
+# Extra sizes a command needs on top of SMALL (a profile range needs 120 steps).
+MORE = {"--profile_steps=100,120": ("--synthetic_examples=8192",)}
+# Run by another test, with its own checks of the output.
+ELSEWHERE = {
+    "make test": ".ci/run: this suite is what it runs",
+    "python -m trainer.launch": "tests/test_lockstep.py runs the docs' launcher commands",
+    "mpirun -np 2 python run.py": "tests/test_lockstep.py runs the docs' mpirun commands",
+}
+# Cannot run here.
+NOT_RUN = {
+    "--device=hpu": "needs Gaudi cards",
+    "tensorboard --logdir": "a server that runs until stopped (the event files it reads are "
+                            "checked by tests/test_loop.py and tests/test_profiling.py)",
+    "pip install": "installs packages",
+}
+# What a successful run prints (stdout), per command fragment: more than a zero exit status.
+EXPECT = {
+    "--audit": r"^audit OK: model .cnn. under mixed_bfloat16",
+    "--numerics": r"^numerics (OK|FLAGGED): model .cnn. under mixed_bfloat16",
+    "--compare_policies": r"^wrote runs/cmp/comparison.json",
+    "configs/compare_": r"^wrote runs/compare_\w+/comparison.json",
+    "saved_model_cli": r"serving_default|outputs\['",
+    "run.py": r"^test: loss [\d.]+",
+}
+
+
+def _commands(page: str) -> list:
+    text = (ROOT / page).read_text()
+    found = []
+    for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        if lang not in ("", "bash", "sh", "shell"):
+            continue
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            line = re.sub(r"\s+", " ", line)
+            if line.split(" ")[0] in COMMAND_WORDS:
+                found.append(line)
+    return found
+
+
+def _reason_not_run(command: str):
+    for table in (ELSEWHERE, NOT_RUN):
+        for fragment, reason in table.items():
+            if fragment in command:
+                return reason
+    return None
+
+
+def test_every_command_is_accounted_for():
+    commands = [c for page in PAGES for c in _commands(page)]
+    assert len(commands) >= 15, commands  # The parser still finds the docs' commands.
+    assert any(c.startswith("make run") for c in commands)
+    for command in commands:
+        runnable = command.startswith(("python run.py", "source .venv/bin/activate && python",
+                                       "make run", "saved_model_cli"))
+        assert runnable or _reason_not_run(command), f"neither run nor explained: {command}"
+
+
+def _runnable(command: str) -> str:
+    """The shell line to run: the command as written, small sizes appended to run.py calls."""
+    if command.startswith("make run"):
+        return f"make --no-print-directory run ARGS='{' '.join(SMALL)}'"
+    if "run.py" not in command:
+        return command
+    extra = list(SMALL) + [flag for key, more in MORE.items() if key in command for flag in more]
+    python = shlex.quote(sys.executable)
+    command = re.sub(r"(^|&& )python3? ", lambda m: f"{m.group(1)}{python} ", command)
+    return f"{command} {' '.join(extra)}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_commands_run_as_written(page, tmp_path):
+    commands = [c for c in _commands(page) if _reason_not_run(c) is None]
+    if not commands:
+        pytest.skip(f"{page} shows no command this test runs")
+    for name in ("run.py", "configs", "examples", ".venv"):
+        os.symlink(ROOT / name, tmp_path / name)
+    # As after `source .venv/bin/activate`: the venv's commands (saved_model_cli...) first.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    for command in commands:
+        line = _runnable(command)
+        cwd = ROOT if command.startswith("make ") else tmp_path
+        proc = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"{page}: {line}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        pattern = next(p for key, p in EXPECT.items() if key in command or key == "run.py")
+        if command.startswith("make run"):
+            pattern = EXPECT["run.py"]
+        assert re.search(pattern, proc.stdout, re.M), f"{page}: {line}\n{proc.stdout[-2000:]}"
