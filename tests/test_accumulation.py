@@ -159,13 +159,18 @@ TWO_REPLICAS = textwrap.dedent("""
 """)
 
 
-def test_two_replicas_accumulate_skip_and_stop_like_one_device():
-    script = TWO_REPLICAS.format(root=str(ROOT), tests=str(ROOT / "tests"))
+def _result_of(template: str, *, timeout: float) -> dict:
+    """Runs ``template`` (a script over 2 logical CPUs) in a fresh process: its RESULT line."""
+    script = template.format(root=str(ROOT), tests=str(ROOT / "tests"))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, "\n".join(user_stderr_lines(proc.stderr)[-30:])
-    out = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_two_replicas_accumulate_skip_and_stop_like_one_device():
+    out = _result_of(TWO_REPLICAS, timeout=900)
     assert out["replicas"] == 2
     # 2 replicas x 4 micro-batches of 4 == one device's batch of 32 (each step's update).
     assert max(out["float32"]) < 1e-5 and out["float32_step"] == 2
@@ -179,3 +184,93 @@ def test_two_replicas_accumulate_skip_and_stop_like_one_device():
     assert out["storm_step"] == 4  # Stopped at the limit, inside a loop of 20.
     assert out["uneven"].startswith("--batch_size=12 gives 6 examples per replica on 2 "
                                     "replicas, which --grad_accum_steps=4 cannot split")
+
+
+L2 = 0.05
+
+
+def l2_mlp(*, input_shape, num_classes, units=16):
+    """A tiny MLP with an L2 penalty on its Dense kernels (``model.losses`` is not empty)."""
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(units, activation="relu",
+                           kernel_regularizer=keras.regularizers.L2(L2))(x)
+    x = keras.layers.Dense(num_classes, kernel_regularizer=keras.regularizers.L2(L2))(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="l2_mlp")
+
+
+def _reference_update(model, features, labels, lr):
+    """-lr * gradient of (mean cross-entropy over the whole batch + the L2 penalty, once)."""
+    from trainer.compat import tf
+
+    kernels = [v for v in model.trainable_variables if "kernel" in v.name]
+    with tf.GradientTape() as tape:
+        probs = model(features, training=True)
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
+        loss += tf.add_n([L2 * tf.reduce_sum(tf.square(k)) for k in kernels])
+    return [lr * g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_regularization_is_counted_once_per_update_under_accumulation(register_model, accum):
+    register_model("l2_mlp_accum_test")(l2_mlp)
+    lr = 0.5
+    common = dict(model="l2_mlp_accum_test", policy="float32", optimizer="sgd",
+                  learning_rate=lr)
+    whole = Trainer(small_config(**common))
+    micro = Trainer(small_config(grad_accum_steps=accum, **common))
+    assert len(micro.model.losses) == 2
+    reference_model = keras.models.clone_model(whole.model)
+    reference_model.set_weights(whole.model.get_weights())
+    features, labels = next(iter(whole.datasets.train))  # Step 0's batch of 32.
+    reference = _reference_update(reference_model, features, labels, lr)
+    expected, got = _deltas(whole, steps=1), _deltas(micro, steps=1)
+    assert int(micro.global_step.numpy()) == 1
+    # Both equal the hand-computed update (the penalty counted once, not k times)...
+    assert max(_relative_errors(expected, reference)) < 1e-5
+    assert max(_relative_errors(got, reference)) < 1e-5
+    # ...and keep equal over later steps.
+    expected, got = _deltas(whole, steps=2), _deltas(micro, steps=2)
+    assert max(_relative_errors(got, expected)) < 1e-5
+
+
+TWO_REPLICAS_L2 = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from trainer.compat import tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import numpy as np
+    from conftest import small_config
+    from test_accumulation import l2_mlp
+    from trainer import registry
+    from trainer.core.steps import Trainer
+
+    registry.register_model("l2_mlp_accum_test")(l2_mlp)
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    common = dict(model="l2_mlp_accum_test", policy="float32", optimizer="sgd",
+                  learning_rate=0.5)
+
+    def deltas(trainer):
+        before = [v.numpy() for v in trainer.model.trainable_variables]
+        trainer.train_steps(2)
+        return [b - v.numpy() for b, v in zip(before, trainer.model.trainable_variables)]
+
+    expected = deltas(Trainer(small_config(**common)))  # One device, one big batch.
+    out = {{"replicas": mirrored.num_replicas_in_sync}}
+    for accum in (1, 2):
+        got = deltas(Trainer(small_config(grad_accum_steps=accum, **common), strategy=mirrored))
+        out[str(accum)] = [float(np.linalg.norm(g - e) / np.linalg.norm(e))
+                           for g, e in zip(got, expected)]
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_two_replicas_count_the_regularization_once():
+    # Each replica adds the penalty to its share of the loss; the strategy sums the replicas'
+    # gradients, so each must add 1 / replicas of it (1 / (replicas * k) per micro-batch).
+    out = _result_of(TWO_REPLICAS_L2, timeout=600)
+    assert out["replicas"] == 2
+    assert max(out["1"]) < 1e-5, out["1"]
+    assert max(out["2"]) < 1e-5, out["2"]

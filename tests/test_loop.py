@@ -297,3 +297,51 @@ def test_a_run_that_ends_non_finite_fails_instead_of_reporting_nan(loss_scale):
     with pytest.raises(TrainingStopped, match=r"training diverged: the test loss is not "
                                                     r"finite \(\d+ non-finite steps"):
         job.run(small_config(learning_rate=1e30, loss_scale=loss_scale))
+
+
+def _checkpoint_steps(directory):
+    state = tf.train.get_checkpoint_state(directory)
+    paths = state.all_model_checkpoint_paths if state else []
+    return [int(path.rsplit("-", 1)[1]) for path in paths]
+
+
+def _saved_global_step(path):
+    """The optimizer's step counter (the global step) as stored in the checkpoint ``path``."""
+    return int(tf.train.load_variable(path, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def test_final_step_is_saved_when_it_is_not_a_checkpoint_step(tmp_path):
+    from trainer.outputs.checkpoint import Checkpointer
+
+    # 3 epochs of 7 steps = 21 steps; checkpoints every 5 (21 % 5 != 0), loops of 4.
+    config = small_config(synthetic_examples=7 * 32, epochs=3, checkpoint_every=5,
+                          model_dir=str(tmp_path), policy="float32")
+    trainer = Trainer(config)
+    assert trainer.datasets.steps_per_epoch == 7
+    checkpointer = Checkpointer(trainer, model_dir=str(tmp_path), keep=10)
+    result = fit_loop.fit(trainer, checkpointer=checkpointer)
+    assert result.stopped_by is None and int(trainer.global_step.numpy()) == 21
+    directory = os.path.join(str(tmp_path), "checkpoints")
+    # Every 5th step, and the final step (21) on top.
+    assert _checkpoint_steps(directory) == [5, 10, 15, 20, 21]
+    latest = tf.train.latest_checkpoint(directory)
+    assert latest.endswith("ckpt-21") and _saved_global_step(latest) == 21
+    assert checkpointer.last_saved_step == 21
+    # What a resume restores is the final state, not step 20's.
+    resumed = Trainer(config)
+    assert Checkpointer(resumed, model_dir=str(tmp_path)).restore_or_initialize() == latest
+    assert int(resumed.global_step.numpy()) == 21
+    for a, b in zip(_weights(trainer), _weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_job_keeps_the_final_step_among_the_newest_checkpoints(tmp_path):
+    # The same schedule through job.run, which keeps keep_checkpoints=3 (the default).
+    model_dir = str(tmp_path / "run")
+    summary = job.run(small_config(synthetic_examples=7 * 32, epochs=3, checkpoint_every=5,
+                                   model_dir=model_dir))
+    assert summary["global_step"] == 21
+    directory = os.path.join(model_dir, "checkpoints")
+    assert _checkpoint_steps(directory) == [15, 20, 21]
+    latest = tf.train.latest_checkpoint(directory)
+    assert latest.endswith("ckpt-21") and _saved_global_step(latest) == 21

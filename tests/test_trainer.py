@@ -349,3 +349,112 @@ def test_train_and_train_from_must_agree():
     assert next(trainer.train_iterator)[1].shape == (32, 10)  # What it trains on.
     trainer.train_steps(2)
     assert int(trainer.global_step.numpy()) == 2 and trainer.weights_finite()
+
+
+class RecordingTrainer(Trainer):
+    """Records, inside the compiled step, the features of every batch it trains on."""
+
+    RECORDED_STEPS = 16
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        shape = [self.RECORDED_STEPS, config.batch_size, *self.datasets.input_shape]
+        self.seen = tf.Variable(tf.zeros(shape, tf.float32), trainable=False, name="seen")
+
+    def _replica_train_step(self, batch):
+        features, _ = batch
+        self.seen[self.global_step].assign(features)  # Before the update moves the step.
+        return super()._replica_train_step(batch)
+
+
+class PipelineRecordingTrainer(RecordingTrainer):
+    """The same, reading the tf.data pipeline (``train`` replaced by an equal copy)."""
+
+    def build_datasets(self):
+        datasets = super().build_datasets()
+        return dataclasses.replace(datasets, train=datasets.train_from(0))
+
+
+@pytest.mark.parametrize("cls, in_graph", [(RecordingTrainer, True),
+                                           (PipelineRecordingTrainer, False)])
+def test_each_epoch_trains_on_a_new_permutation_of_the_training_split(cls, in_graph):
+    # 256 examples in batches of 32: epoch 0 is steps 0-7, epoch 1 steps 8-15.
+    trainer = cls(small_config(policy="float32"))
+    assert (trainer.in_graph_input is not None) == in_graph
+    n, steps = trainer.datasets.num_train, trainer.datasets.steps_per_epoch
+    assert (n, steps) == (256, 8) and trainer.RECORDED_STEPS == 2 * steps
+    # Every training example, as the step sees it, names its index in the split.
+    images = trainer.datasets.in_memory.images
+    as_float = (tf.cast(images, tf.float32) * (1.0 / 255.0)).numpy()  # The uint8 contract.
+    index = {as_float[i].tobytes(): i for i in range(n)}
+    assert len(index) == n  # The synthetic images are all different.
+    trainer.train_steps(5)
+    trainer.train_steps(11)  # The epoch boundary falls inside this compiled loop.
+    assert int(trainer.global_step.numpy()) == 16
+    seen = trainer.seen.numpy().reshape(2 * n, *as_float.shape[1:])
+    order = np.array([index[example.tobytes()] for example in seen])
+    epoch0, epoch1 = order[:n], order[n:]
+    np.testing.assert_array_equal(np.sort(epoch0), np.arange(n))
+    np.testing.assert_array_equal(np.sort(epoch1), np.arange(n))
+    assert not np.array_equal(epoch0, epoch1), "epoch 1 trained on epoch 0's batches again"
+    # Not merely the same batches in another order: the examples are regrouped.
+    batches0 = {frozenset(b) for b in epoch0.reshape(steps, -1).tolist()}
+    batches1 = {frozenset(b) for b in epoch1.reshape(steps, -1).tolist()}
+    assert batches0 != batches1
+    # The orders are the split's epoch orders, the same on either input path.
+    for epoch, got in enumerate((epoch0, epoch1)):
+        np.testing.assert_array_equal(got, trainer.datasets.in_memory.order(epoch).numpy())
+
+
+L2 = 0.05  # Large enough that the regularization gradient is a good share of the update.
+
+
+def l2_mlp(*, input_shape, num_classes, units=16):
+    """A tiny MLP whose Dense kernels carry an L2 penalty (``model.losses`` is not empty)."""
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(units, activation="relu", name="hidden",
+                           kernel_regularizer=keras.regularizers.L2(L2))(x)
+    x = keras.layers.Dense(num_classes, name="logits",
+                           kernel_regularizer=keras.regularizers.L2(L2))(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="l2_mlp")
+
+
+def _regularized_reference(model, features, labels):
+    """Gradients of mean cross-entropy + L2 * sum(kernel**2), by a plain tape, and of the
+    data term alone; the penalty is written out here, not read from ``model.losses``."""
+    kernels = [v for v in model.trainable_variables if "kernel" in v.name]
+    assert len(kernels) == 2
+    with tf.GradientTape(persistent=True) as tape:
+        probs = model(features, training=True)
+        data_loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
+        penalty = tf.add_n([L2 * tf.reduce_sum(tf.square(k)) for k in kernels])
+        total = data_loss + penalty
+    # The model's own regularization losses are this same penalty.
+    np.testing.assert_allclose(float(tf.add_n(model.losses)), float(penalty), rtol=1e-6)
+    variables = model.trainable_variables
+    return ([g.numpy() for g in tape.gradient(total, variables)],
+            [g.numpy() for g in tape.gradient(data_loss, variables)])
+
+
+@pytest.mark.parametrize("loss_scale", ["none", "dynamic"])
+def test_step_adds_the_regularization_losses_to_the_data_loss(register_model, loss_scale):
+    register_model("l2_mlp_test")(l2_mlp)
+    lr = 0.5
+    trainer = Trainer(small_config(model="l2_mlp_test", policy="float32", optimizer="sgd",
+                                   learning_rate=lr, loss_scale=loss_scale))
+    assert len(trainer.model.losses) == 2
+    reference_model = keras.models.clone_model(trainer.model)
+    reference_model.set_weights(trainer.model.get_weights())
+    features, labels = next(iter(trainer.datasets.train))  # The batch step 0 trains on.
+    expected, data_only = _regularized_reference(reference_model, features, labels)
+    got = _step_gradients(trainer, lr)  # w1 = w0 - lr * g: the gradient the step applied.
+    assert int(trainer.skipped_steps.numpy()) == 0
+    for var, ref, data, applied in zip(trainer.model.trainable_variables, expected, data_only,
+                                       got):
+        norm = np.linalg.norm(ref)
+        assert np.linalg.norm(applied - ref) / norm < 1e-5, var.name  # Measured: 3e-7.
+        if "kernel" in var.name:
+            # The penalty moves each kernel visibly: without it the step would be this far off.
+            assert np.linalg.norm(data - ref) / norm > 0.05, var.name
