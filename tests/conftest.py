@@ -2,6 +2,11 @@
 
 Every test trains tiny models (``units=16``) on the synthetic dataset for a few steps, so the
 whole suite stays fast on a 2-core machine.
+
+The suite passes on any CPU. To run it as on another kind of CPU, force the bf16 answer of
+trainer/runtime/devices.py (``cpu_bf16_flags``): ``pytest --cpu-bf16=0`` (as on a CPU without
+AMX or AVX512-BF16, e.g. an AMD EPYC) or ``--cpu-bf16=1``; both set ``TRAINER_CPU_BF16`` for
+this process and the processes the tests start, and so does setting that variable yourself.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from tensorflow.python.framework import config as tf_config  # noqa: E402
 from trainer import registry  # noqa: E402
 from trainer.compat import keras, mixed_precision  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.runtime import devices  # noqa: E402
 
 # TensorFlow's C++ runtime logs a few lines (absl format, e.g. "I0000 00:00:..." or
 # "E0000 ...") straight to stderr before Python can silence it; they are not ours.
@@ -31,6 +38,38 @@ _TF_NOISE = re.compile(
     r"^([IWEF]\d{4} \d\d:\d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] "
     r"|WARNING: All log messages before absl::InitializeLog"
     r"|To enable the following instructions:)")
+# The one line of ours whose presence depends on the CPU's instruction set: mixed_bfloat16
+# (the default policy) on a CPU without AMX or AVX512-BF16 (devices.slower_than_float32).
+# tests/test_devices.py checks it through the CLI with TRAINER_CPU_BF16 forced either way,
+# which also keeps this pattern in step with the message.
+SLOW_BF16_CPU_WARNING = re.compile(
+    r"^warning: mixed_bfloat16 on a CPU without AMX or AVX512-BF16 \(.*\) emulates bf16 and "
+    r"will be slower than float32; use --policy=float32 here$")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cpu-bf16", choices=("0", "1"), default=None,
+        help="run as on a CPU without (0) or with (1) bf16 instructions: sets "
+             f"{devices.CPU_BF16_ENV} for the tests and the processes they start (default: "
+             f"{devices.CPU_BF16_ENV} from the environment, else the CPU's own flags)")
+
+
+def pytest_configure(config):
+    forced = config.getoption("cpu_bf16", default=None)
+    if forced is not None:
+        os.environ[devices.CPU_BF16_ENV] = forced
+
+
+def pytest_report_header(config):
+    value = os.environ.get(devices.CPU_BF16_ENV, "").strip()
+    try:
+        flags = devices.cpu_bf16_flags()
+    except UserError as error:
+        return f"cpu bf16: {error}"
+    if value:
+        return f"cpu bf16: {'yes' if flags else 'no'}, forced by {devices.CPU_BF16_ENV}={value}"
+    return f"cpu bf16: {', '.join(flags) or 'none'} (from {devices.CPUINFO_PATH})"
 
 
 def small_config(**overrides) -> TrainConfig:
@@ -43,9 +82,16 @@ def small_config(**overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def user_stderr_lines(stderr: str) -> list:
-    """Non-empty stderr lines, TensorFlow's C++ start-up log lines removed."""
-    return [line for line in stderr.splitlines() if line.strip() and not _TF_NOISE.match(line)]
+def user_stderr_lines(stderr: str, *, keep_cpu_bf16_warning: bool = False) -> list:
+    """Non-empty stderr lines, TensorFlow's C++ start-up log lines removed.
+
+    The slow-bf16 CPU warning (:data:`SLOW_BF16_CPU_WARNING`) is removed too unless
+    ``keep_cpu_bf16_warning``: whether a mixed_bfloat16 run prints it depends on the CPU the
+    suite runs on, not on what a test checks. Every other ``warning:`` line stays.
+    """
+    return [line for line in stderr.splitlines()
+            if line.strip() and not _TF_NOISE.match(line)
+            and (keep_cpu_bf16_warning or not SLOW_BF16_CPU_WARNING.match(line))]
 
 
 def run_cli(*args: str, timeout: float = 180, env: dict = None, script: str = "run.py"):

@@ -14,7 +14,7 @@ Everything else HPUStrategy does still runs, from Habana's code: the cluster fro
 ``install_allcompare()``, its dataset distribution, and TensorFlow's collective all-reduce.
 
 Run as a script, it is one worker of a multi-worker job (started by ``trainer.launch``) that
-trains through ``trainer.app.run`` and writes what it saw to ``OUT_PREFIX.<rank>.json``::
+trains through ``trainer.job.run`` and writes what it saw to ``OUT_PREFIX.<rank>.json``::
 
     python -m trainer.launch --num_workers=2 -- tests/hpu_shim.py hpu OUT_PREFIX
     python -m trainer.launch --num_workers=2 -- tests/hpu_shim.py multi_worker OUT_PREFIX

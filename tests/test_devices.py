@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import SLOW_BF16_CPU_WARNING, run_cli, user_stderr_lines
 
 from trainer.compat import tf
 from trainer.config import TrainConfig
@@ -220,6 +221,9 @@ flags\t\t: fpu vme sse sse2 avx avx2 avx512f {extra}
 
 @pytest.fixture
 def fake_cpuinfo(tmp_path, monkeypatch):
+    # These tests read the fake file: a TRAINER_CPU_BF16 the suite runs under must not win.
+    monkeypatch.delenv(devices.CPU_BF16_ENV, raising=False)
+
     def write(extra):
         path = tmp_path / "cpuinfo"
         path.write_text(CPUINFO.format(extra=extra))
@@ -280,3 +284,63 @@ def test_policy_slower_than_float32_is_named(info, policy, slow):
     assert bool(reason) == slow
     if slow:
         assert policy in reason and "slower than float32" in reason
+
+
+# ------------------------------------------------------------------ TRAINER_CPU_BF16
+
+@pytest.mark.parametrize("extra", ["", "amx_tile amx_bf16 avx512_bf16"])
+def test_cpu_bf16_forced_by_the_environment(fake_cpuinfo, monkeypatch, extra):
+    path = fake_cpuinfo(extra)  # Whatever the CPU has, the variable decides.
+    real = devices.cpu_bf16_flags()
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "0")
+    assert devices.cpu_bf16_flags() == []
+    assert devices.cpu_bf16_flags(path) == real  # An explicit file is read as it is.
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
+    assert devices.cpu_bf16_flags() == ["TRAINER_CPU_BF16=1"]
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "")  # Empty is unset: the CPU's flags.
+    assert devices.cpu_bf16_flags() == real
+
+
+def test_cpu_bf16_forced_to_a_bad_value_is_one_line(fake_cpuinfo, monkeypatch):
+    fake_cpuinfo("amx_bf16")
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "yes")
+    with pytest.raises(UserError) as error:
+        devices.select_device("cpu", policy="mixed_bfloat16")
+    message = str(error.value)
+    assert message.startswith("TRAINER_CPU_BF16='yes': set it to 0 ") and "\n" not in message
+
+
+@pytest.mark.parametrize("forced, extra", [("0", "amx_bf16 avx512_bf16"), ("1", "")])
+def test_select_device_as_the_forced_cpu(fake_cpuinfo, monkeypatch, capsys, forced, extra):
+    fake_cpuinfo(extra)  # The opposite of what is forced.
+    monkeypatch.setenv(devices.CPU_BF16_ENV, forced)
+    info = devices.select_device("cpu", policy="mixed_bfloat16")
+    assert info.fast_bf16 == (forced == "1")
+    has = "bf16 instructions: TRAINER_CPU_BF16=1" if forced == "1" else \
+        "no bf16 instructions: TRAINER_CPU_BF16=0"
+    assert info.description == f"Test CPU 9000 ({has})"
+    slow = devices.slower_than_float32(info, "mixed_bfloat16")
+    assert capsys.readouterr().err.splitlines() == ([f"warning: {slow}"] if slow else [])
+    assert bool(slow) == (forced == "0")
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_cli_slow_bf16_warning_follows_the_forced_cpu(tmp_path, forced):
+    """The real CLI, as on a CPU without bf16 instructions (one warning line) and with them
+    (none); also keeps conftest.SLOW_BF16_CPU_WARNING, which other tests drop, in step."""
+    result = run_cli("--dataset=synthetic", "--synthetic_examples=256", "--epochs=1",
+                     "--batch_size=32", "--model_args=units=16", "--validation_split=0",
+                     "--policy=mixed_bfloat16", "--device=cpu", "--progress=none",
+                     env={devices.CPU_BF16_ENV: forced}, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = user_stderr_lines(result.stderr, keep_cpu_bf16_warning=True)
+    banner = [line for line in result.stdout.splitlines() if line.startswith("device: ")]
+    assert len(banner) == 1, result.stdout
+    if forced == "1":
+        assert lines == [], result.stderr
+        assert banner[0].endswith("(bf16 instructions: TRAINER_CPU_BF16=1)"), banner
+    else:
+        assert len(lines) == 1 and SLOW_BF16_CPU_WARNING.match(lines[0]), result.stderr
+        assert "(no bf16 instructions: TRAINER_CPU_BF16=0)" in lines[0]
+        assert banner[0].endswith("(no bf16 instructions: TRAINER_CPU_BF16=0)"), banner
+        assert user_stderr_lines(result.stderr) == []  # What the other CLI tests see.
