@@ -1,4 +1,4 @@
-"""In-graph input (trainer/in_graph_input.py): the same batches, weights and resume as tf.data."""
+"""In-graph input (trainer/data/in_graph.py): the same batches, weights and resume as tf.data."""
 
 from __future__ import annotations
 

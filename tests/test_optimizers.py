@@ -1,4 +1,4 @@
-"""trainer/optimizers.py: the fused optimizer update changes speed, not results."""
+"""trainer/core/optimizers.py: the fused optimizer update changes speed, not results."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -274,9 +275,14 @@ def test_installed_package_imports_from_any_folder(tmp_path):
 
 def test_a_built_wheel_holds_every_subpackage_and_imports(tmp_path):
     """A non-editable install: the wheel of pyproject.toml, installed into a folder of its own."""
+    source = tmp_path / "source"  # setuptools builds in the source tree: not in the checkout.
+    shutil.copytree(ROOT / "trainer", source / "trainer",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "wheel"), str(ROOT)],
+         "-w", str(tmp_path / "wheel"), str(source)],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "wheel").glob("mptrain-*.whl")
