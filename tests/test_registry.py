@@ -1,5 +1,7 @@
 """The model registry: names are unique, unknown names and bad arguments are refused clearly."""
 
+import sys
+
 import pytest
 
 from trainer import registry
@@ -46,8 +48,20 @@ def test_duplicate_name_refused():
     with pytest.raises(ValueError, match="'dup_test' is already registered by .*_tiny"):
         registry.register_model("dup_test")(other)
     assert registry.get_model_builder("dup_test") is _tiny
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"'mlp' is built in \(trainer.models.mlp\)"):
         registry.register_model("mlp")(other)
+    assert registry.get_model_builder("mlp") is not other
+
+
+def test_builtin_models_come_from_the_zoo_table():
+    # Each name in the table is the function of that name in its trainer.models module, and
+    # no top-level package named `models` (a user's own, say) is ever looked up for them.
+    for name, module in registry.BUILTIN_MODELS.items():
+        builder = registry.get_model_builder(name)
+        assert (builder.__module__, builder.__name__) == (module, name)
+    assert set(registry.BUILTIN_MODELS) == {"mlp", "cnn", "resnet", "transformer"}
+    assert set(registry.BUILTIN_MODELS) <= set(registry.model_names())
+    assert "models" not in sys.modules
 
 
 def test_unknown_model_lists_names():
