@@ -49,9 +49,9 @@ PYTHON310 ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable
 	$(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python) $(PYTHON))
 VENV215 := .venv-tf215
 PY215 := $(VENV215)/bin/python
-TF215_TESTS := tests/test_trainer.py tests/test_loss_scale.py tests/test_precision.py \
-	tests/test_checkpoint.py tests/test_loop.py tests/test_preemption.py \
-	tests/test_devices.py tests/test_distribute.py \
+TF215_TESTS := tests/test_steps.py tests/test_loss_scale.py tests/test_precision.py \
+	tests/test_checkpoint.py tests/test_fit_loop.py tests/test_preemption.py \
+	tests/test_devices.py tests/test_distribution.py \
 	tests/test_hpu_bridge.py tests/test_eval_padding.py tests/test_lockstep.py
 
 $(VENV215)/.installed: requirements-tf215.txt

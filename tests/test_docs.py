@@ -33,7 +33,7 @@ ELSEWHERE = {
 NOT_RUN = {
     "--device=hpu": "needs Gaudi cards",
     "tensorboard --logdir": "a server that runs until stopped (the event files it reads are "
-                            "checked by tests/test_loop.py and tests/test_profiling.py)",
+                            "checked by tests/test_fit_loop.py and tests/test_profiling.py)",
     "pip install": "installs packages",
 }
 # What a successful run prints (stdout), per command fragment: more than a zero exit status.

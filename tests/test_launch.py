@@ -1,7 +1,7 @@
 """The local launcher: per-worker TF_CONFIG, prefixed output, failure handling, signals.
 
 Workers here are tiny Python scripts, so these tests take seconds; the real two-worker
-training runs are in test_distribute.py and test_two_hosts.py. The last test runs the real
+training runs are in test_distribution.py and test_two_hosts.py. The last test runs the real
 run.py alone, as one worker of two whose peer never starts.
 """
 

@@ -17,7 +17,7 @@ class InGraphInput:
     of a small model's step. Here the step gathers its own batch: the examples at positions
     ``[global_step * batch, (global_step + 1) * batch)`` of the stream of epoch
     permutations, exactly those ``train_from`` would yield, so results, resume and the data
-    order are the same on either path (``tests/test_in_graph_input.py`` checks it). The two
+    order are the same on either path (``tests/test_in_graph.py`` checks it). The two
     permutations a batch can straddle are cached in a variable and redrawn once per epoch.
 
     Used with one replica, off Gaudi (``maybe``); otherwise the tf.data pipeline is read.
