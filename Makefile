@@ -50,7 +50,7 @@ PYTHON310 ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable
 VENV215 := .venv-tf215
 PY215 := $(VENV215)/bin/python
 TF215_TESTS := tests/test_steps.py tests/test_loss_scale.py tests/test_precision.py \
-	tests/test_checkpoint.py tests/test_fit_loop.py tests/test_preemption.py \
+	tests/test_checkpoint.py tests/test_controller.py tests/test_fit_loop.py tests/test_preemption.py \
 	tests/test_devices.py tests/test_distribution.py \
 	tests/test_hpu_bridge.py tests/test_eval_padding.py tests/test_lockstep.py
 
@@ -71,8 +71,14 @@ test-tf215: $(VENV215)/.installed $(VENV215)/.package $(FMNIST) /usr/bin/mpirun 
 run: setup
 	$(PY) run.py --policy=mixed_bfloat16 $(ARGS)
 
+# The tests whose output depends on the CPU's bf16 instructions, run again as on the other kind
+# of CPU (TRAINER_CPU_BF16 forces the detection): both paths are tested on any machine.
+CPU_KIND_TESTS := tests/test_devices.py tests/test_tfds.py tests/test_profiling.py tests/test_cli.py
+OTHER_CPU_BF16 = $(shell grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo 0 || echo 1)
+
 test: setup
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider --cpu-bf16=$(OTHER_CPU_BF16) $(CPU_KIND_TESTS)
 	$(MAKE) --no-print-directory test-tf215
 
 # Speed ratios (ours vs Model.fit, bf16 vs float32, MFU) measured in one run: see BENCHMARKS.md.
