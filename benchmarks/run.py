@@ -28,14 +28,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import flops, footprint, profile_ops  # noqa: E402
-from benchmarks.suite import (  # noqa: E402
-    BENCHES, EXPERIMENT_MODELS, EXPERIMENTS, INPUT_BASELINE, LEVERS, POLICIES, Bench, OursRunner,
-    train_config)
+from benchmarks.suite import (BENCHES, EXPERIMENT_MODELS, EXPERIMENTS, INPUT_BASELINE,  # noqa: E402
+                              LEVERS, POLICIES, Bench, OursRunner, train_config)
 from trainer import registry  # noqa: E402
 from trainer.compat import keras, mixed_precision, tf  # noqa: E402
 from trainer.core import optimizers, precision  # noqa: E402
 from trainer.outputs import files  # noqa: E402
 from trainer.runtime import devices  # noqa: E402
+
 
 class _EpochTimer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):

@@ -11,8 +11,8 @@ from trainer.core.steps import Trainer
 from trainer.errors import TrainingStopped, UserError
 from trainer.loop import fit_loop
 from trainer.loop.actions import PeriodicAction
-from trainer.loop.profiling import StepProfiler
 from trainer.loop.preemption import PreemptionWatcher
+from trainer.loop.profiling import StepProfiler
 from trainer.outputs import checkpoint, console, export, files
 from trainer.outputs.summaries import SummaryWriter
 from trainer.runtime import devices, distribution

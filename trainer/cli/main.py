@@ -111,10 +111,14 @@ def start_tensorflow(*, verbose: bool) -> None:
     if multi_process or not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if verbose or "tensorflow" in sys.modules:
-        import trainer.compat  # noqa: F401
+        _import_tensorflow()
         return
     with _startup_lines_filtered():
-        import trainer.compat  # noqa: F401
+        _import_tensorflow()
+
+
+def _import_tensorflow() -> None:
+    import trainer.compat  # noqa: F401  The import is the point: TensorFlow starts here.
 
 
 @contextlib.contextmanager
