@@ -46,6 +46,26 @@ EXPECT = {
 }
 
 
+# The pages' own ```python blocks (the examples/ files and the from_arrays script are run by
+# tests/test_examples.py): saved under a name, run after the page's shell commands, in the
+# same folder, with the arguments the page gives, then checked.
+PYTHON_BLOCKS = {
+    "docs/extending.md": ("my_models.py", ("--model=wide_mlp", "--model_args=units=512", *SMALL),
+                          r"^model: wide_mlp|\| model: wide_mlp \("),
+    "docs/outputs.md": ("serve.py", (), None),
+}
+# Appended to serve.py's run: what the block computed.
+SERVE_CHECK = ("assert probabilities.shape == (4, 10) and probabilities.dtype == tf.float32; "
+               "np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, rtol=1e-5); "
+               "print('served', probabilities.shape)")
+
+
+def _python_block(page: str, first_line: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
+    (block,) = [b for b in blocks if first_line in b]
+    return block
+
+
 def _commands(page: str) -> list:
     text = (ROOT / page).read_text()
     found = []
@@ -93,7 +113,7 @@ def _runnable(command: str) -> str:
 @pytest.mark.parametrize("page", PAGES)
 def test_page_commands_run_as_written(page, tmp_path):
     commands = [c for c in _commands(page) if _reason_not_run(c) is None]
-    if not commands:
+    if not commands and page not in PYTHON_BLOCKS:
         pytest.skip(f"{page} shows no command this test runs")
     for name in ("run.py", "configs", "examples", ".venv"):
         os.symlink(ROOT / name, tmp_path / name)
@@ -110,3 +130,15 @@ def test_page_commands_run_as_written(page, tmp_path):
         if command.startswith("make run"):
             pattern = EXPECT["run.py"]
         assert re.search(pattern, proc.stdout, re.M), f"{page}: {line}\n{proc.stdout[-2000:]}"
+    if page in PYTHON_BLOCKS:
+        name, args, pattern = PYTHON_BLOCKS[page]
+        first = {"my_models.py": "# my_models.py", "serve.py": "tf.saved_model.load"}[name]
+        (tmp_path / name).write_text(_python_block(page, first))
+        if name == "serve.py":
+            argv = [sys.executable, "-c", f"exec(open('serve.py').read()); {SERVE_CHECK}"]
+        else:
+            argv = [sys.executable, name, *args]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{page}: {name}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        assert re.search(pattern or r"^served \(4, 10\)$", proc.stdout, re.M), proc.stdout[-2000:]
