@@ -1,4 +1,4 @@
-"""The command line, ``python run.py`` (installed as ``mptrain``): flags -> TrainConfig -> main.
+"""The command line, ``python run.py`` (installed as ``mptrain``): flags -> TrainConfig -> a job.
 
 A user mistake prints one ``error:`` line and exits 1. Flags parse before TensorFlow is
 imported, so a bad value costs no TensorFlow start-up, and the start-up itself is quiet:
