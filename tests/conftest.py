@@ -5,7 +5,8 @@ whole suite stays fast on a 2-core machine.
 
 The suite passes on any CPU. To run it as on another kind of CPU, force the bf16 answer of
 trainer/runtime/devices.py (``cpu_bf16_flags``): ``pytest --cpu-bf16=0`` (as on a CPU without
-AMX or AVX512-BF16, e.g. an AMD EPYC) or ``--cpu-bf16=1``; both set ``TRAINER_CPU_BF16`` for
+AMX or AVX512-BF16, e.g. an AMD EPYC) or ``--cpu-bf16=1``, or ``--cpu-bf16=other``: as the
+kind this machine's CPU is not (what ``make test`` runs last); each sets ``TRAINER_CPU_BF16`` for
 this process and the processes the tests start, and so does setting that variable yourself.
 """
 
@@ -49,14 +50,17 @@ SLOW_BF16_CPU_WARNING = re.compile(
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--cpu-bf16", choices=("0", "1"), default=None,
-        help="run as on a CPU without (0) or with (1) bf16 instructions: sets "
+        "--cpu-bf16", choices=("0", "1", "other"), default=None,
+        help="run as on a CPU without (0) or with (1) bf16 instructions, or as the kind this "
+             "CPU is not (other): sets "
              f"{devices.CPU_BF16_ENV} for the tests and the processes they start (default: "
              f"{devices.CPU_BF16_ENV} from the environment, else the CPU's own flags)")
 
 
 def pytest_configure(config):
     forced = config.getoption("cpu_bf16", default=None)
+    if forced == "other":  # The real CPU's flags (an explicit path ignores the variable).
+        forced = "0" if devices.cpu_bf16_flags(devices.CPUINFO_PATH) else "1"
     if forced is not None:
         os.environ[devices.CPU_BF16_ENV] = forced
 

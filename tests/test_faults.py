@@ -3,7 +3,7 @@
 Two real ``run.py`` workers of one localhost cluster, started here (not by trainer.launch,
 which would stop the survivor itself), each with its own output. ``TRAINER_FAULT_AT`` makes
 the victim SIGKILL itself right before its n-th operation of a kind (see
-:func:`trainer.lockstep.fault_point`). For the chief (worker 0) and a non-chief (worker 1), at
+:func:`trainer.runtime.lockstep.fault_point`). For the chief (worker 0) and a non-chief (worker 1), at
 start-up, mid-loop, during a checkpoint save and during evaluation:
 
 - the survivor exits non-zero within :data:`EXIT_BOUND_S` of the victim's death, and the last
@@ -18,7 +18,7 @@ bind says so, and the other one does not wait for it forever.
 
 Start-up deaths are noticed by the registration timeout: these jobs run with
 ``TRAINER_REGISTER_TIMEOUT_S`` = :data:`REGISTER_TIMEOUT_S`, so that the survivor's wait fits
-the bound; with the default (``trainer.distribute.REGISTER_TIMEOUT_S``) it waits that long.
+the bound; with the default (``trainer.runtime.distribution.REGISTER_TIMEOUT_S``) it waits that long.
 
 Timings (victim's death to survivor's exit) are printed: ``pytest -rP tests/test_faults.py``.
 """

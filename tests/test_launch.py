@@ -139,7 +139,7 @@ def test_worker_env_is_tf_config_json():
 
 
 def test_worker_env_reads_back_as_the_launchers_rank():
-    # What the launcher sets is what run.py's side (trainer.worker_env) reads.
+    # What the launcher sets is what run.py's side (trainer.runtime.worker_env) reads.
     from trainer.runtime import worker_env
 
     env = launch.worker_env(1, ["localhost:1", "localhost:2"], base={})

@@ -264,7 +264,7 @@ def dataset_shapes(name: str, data_dir: Optional[str] = None) -> Tuple[Tuple[int
 
     Raises:
       UserError: for a tfds dataset that cannot be found (see
-        :func:`trainer.tfds_source.tfds_builder`).
+        :func:`trainer.data.tfds_source.tfds_builder`).
     """
     if name in DATASET_SHAPES:
         return DATASET_SHAPES[name]

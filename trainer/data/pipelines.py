@@ -41,7 +41,7 @@ class InMemoryTrain:
     images: tf.Tensor
     labels: tf.Tensor
     seed: int
-    # (train, train_from) of the Datasets built from these tensors (see in_graph_input).
+    # (train, train_from) of the Datasets built from these tensors (see trainer/data/in_graph.py).
     made_for: Optional[tuple] = None
 
     @property

@@ -1,6 +1,6 @@
 """The built-in datasets' sources: IDX files, Keras's mnist.npz, a download, synthetic data.
 
-Each loader returns unchecked :class:`~trainer.arrays.Arrays`; ``trainer.data.load_arrays``
+Each loader returns unchecked :class:`~trainer.data.arrays.Arrays`; ``trainer.data.load_arrays``
 picks the loader for a dataset name (and the folders searched) and checks the result.
 """
 

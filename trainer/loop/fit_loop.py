@@ -99,8 +99,8 @@ class FitLoop:
       on_log: called on the chief with each :class:`EpochLog` (every evaluation).
       checkpointer: saves every ``checkpoint_every`` steps (or epoch), the best by
         ``best_metric`` and at the end; None for no checkpoints.
-      summaries: a :class:`trainer.summaries.SummaryWriter` or None.
-      progress: a :class:`trainer.reporting.ProgressBar` (drawn on the chief) or None.
+      summaries: a :class:`trainer.outputs.summaries.SummaryWriter` or None.
+      progress: a :class:`trainer.outputs.console.ProgressBar` (drawn on the chief) or None.
       extra_actions: the caller's periodic actions, run on every worker.
       should_stop: returns this worker's reason to stop (e.g. 'SIGTERM') or None; the
         workers vote on it after every step loop.

@@ -10,7 +10,7 @@ class PreemptionWatcher:
     """While active, SIGTERM and SIGINT set ``signal_name`` instead of killing the process.
 
     The loop polls :attr:`signal_name` between step loops; the workers vote on it
-    (:meth:`trainer.lockstep.Lockstep.stop_vote`), so all of them stop at the same step, save
+    (:meth:`trainer.runtime.lockstep.Lockstep.stop_vote`), so all of them stop at the same step, save
     a checkpoint and exit 0. A second signal falls back to the default behaviour, so a stuck
     run can still be stopped.
     """

@@ -1,7 +1,7 @@
 """Files a run writes outside TensorFlow: output paths checked before training, atomic writes,
 the metrics file.
 
-What goes where inside ``--model_dir`` is :mod:`trainer.outputs.model_dir`'s.
+What goes where inside ``--model_dir`` is :mod:`trainer.outputs.layout`'s.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ class Lockstep:
 
     @classmethod
     def of(cls, cluster) -> "Lockstep":
-        """The Lockstep of a :class:`trainer.distribute.Cluster`."""
+        """The Lockstep of a :class:`trainer.runtime.distribution.Cluster`."""
         return cls(strategy=cluster.strategy, num_workers=cluster.num_workers,
                    is_chief=cluster.is_chief)
 
