@@ -124,14 +124,15 @@ def _restore_determinism():
     # A Trainer with deterministic=True turns on TensorFlow's op determinism and Keras' layer
     # RNG variables for the whole process; later tests must see the defaults again. Public
     # TensorFlow has no way to turn op determinism off, so its own config module is used.
+    # (Keras 3 has no such switch: its layer RNGs are always variables.)
     ops = tf_config.is_op_determinism_enabled()
-    rng = keras.backend.experimental.is_tf_random_generator_enabled()
+    switch = getattr(keras.backend, "experimental", None)
+    rng = switch.is_tf_random_generator_enabled() if switch else None
     yield
     if tf_config.is_op_determinism_enabled() != ops:
         (tf_config.enable_op_determinism if ops else tf_config.disable_op_determinism)()
-    if keras.backend.experimental.is_tf_random_generator_enabled() != rng:
-        (keras.backend.experimental.enable_tf_random_generator if rng
-         else keras.backend.experimental.disable_tf_random_generator)()
+    if switch and switch.is_tf_random_generator_enabled() != rng:
+        (switch.enable_tf_random_generator if rng else switch.disable_tf_random_generator)()
 
 
 @pytest.fixture

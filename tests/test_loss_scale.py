@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
+from trainer import compat
 from trainer.compat import keras, mixed_precision, tf
 from trainer.core.loss_scale import LossScaler, all_finite
 from trainer.core.steps import Trainer
@@ -26,7 +27,9 @@ def test_dynamic_scaled_loss_is_loss_times_scale():
 
 def test_fixed_scaled_loss_and_unscaled_gradients():
     scaler = _scaler(64.0)
-    assert isinstance(scaler.optimizer, mixed_precision.LossScaleOptimizer)
+    # A fixed scale has no state to keep: the optimizer is not wrapped (under Keras 3 the
+    # wrapper is always dynamic).
+    assert scaler.optimizer is scaler.inner_optimizer
     assert not scaler.dynamic and float(scaler.scale) == 64.0
     assert float(scaler.scale_loss(tf.constant(2.5))) == 160.0
     grads = scaler.unscale_gradients([tf.constant([64.0, -128.0]), tf.constant(6.4)])
@@ -56,7 +59,7 @@ def test_invalid_mode_refused(mode):
 def test_dynamic_skip_halves_scale_and_keeps_weights():
     scaler = _scaler("dynamic")
     var = tf.Variable([1.0, 2.0])
-    scaler.optimizer.build([var])
+    scaler.build([var])
     skipped = scaler.apply_gradients([tf.constant([np.inf, 1.0])], [var])
     assert bool(skipped)
     np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
@@ -72,7 +75,7 @@ def test_dynamic_skip_halves_scale_and_keeps_weights():
 def test_dynamic_scale_grows_after_growth_steps():
     scaler = _scaler("dynamic", growth_steps=3)
     var = tf.Variable([1.0])
-    scaler.optimizer.build([var])
+    scaler.build([var])
     for expected_good in (1, 2):
         scaler.apply_gradients([tf.constant([0.5])], [var])
         assert int(scaler.good_steps) == expected_good and float(scaler.scale) == 2.0 ** 15
@@ -80,28 +83,81 @@ def test_dynamic_scale_grows_after_growth_steps():
     assert float(scaler.scale) == 2.0 ** 16 and int(scaler.good_steps) == 0
 
 
-def _keras_step(optimizer, gradients, variables):
-    # Keras' LossScaleOptimizer driven as in a custom loop: gradients of the scaled loss,
-    # unscaled, then its own apply_gradients (x and / by a power of two: exact).
-    optimizer.get_scaled_loss(tf.constant(0.0))
-    scaled = [g * optimizer.loss_scale for g in gradients]
-    optimizer.apply_gradients(zip(optimizer.get_unscaled_gradients(scaled), variables))
+class ReferenceScale:
+    """The dynamic-scale rules in plain Python (Keras 2's LossScaleOptimizer's, which the
+    scaler follows under both Kerases): halve on a non-finite step, never below 1; double
+    after `growth` finite steps unless that overflows float32; a skipped step still counts."""
+
+    def __init__(self, growth):
+        self.scale, self.good, self.iterations, self.growth = 2.0 ** 15, 0, 0, growth
+
+    def step(self, finite):
+        self.iterations += 1
+        if not finite:
+            self.scale, self.good = max(self.scale / 2, 1.0), 0
+        elif self.good + 1 >= self.growth:
+            doubled = np.float32(self.scale) * np.float32(2)
+            self.scale, self.good = (float(doubled) if np.isfinite(doubled) else self.scale), 0
+        else:
+            self.good += 1
 
 
-def test_dynamic_scale_follows_keras_loss_scale_optimizer_step_by_step():
+def test_dynamic_scale_follows_the_rules_step_by_step():
+    ours = _scaler("dynamic", growth_steps=3)
+    reference = ReferenceScale(3)
+    var = tf.Variable([1.0, -2.0])
+    ours.build([var])
+    apply_ours = tf.function(lambda g: ours.apply_gradients([g], [var]))
+    finite, inf, nan = [0.5, -0.25], [np.inf, 1.0], [1.0, np.nan]
+    # Growth after 3 good steps, halving on Inf and NaN, a skip resets the count, 17 skips
+    # in a row reach the floor of 1 and stay there, and growth starts again from the floor.
+    sequence = [finite] * 4 + [inf, finite, nan] + [finite] * 3 + [nan] * 17 + [finite] * 4
+    expected_var = np.array([1.0, -2.0], np.float32)
+    for i, gradient in enumerate(sequence):
+        is_finite = bool(np.all(np.isfinite(gradient)))
+        skipped = bool(apply_ours(tf.constant(gradient)))
+        reference.step(is_finite)
+        if is_finite:
+            expected_var -= np.float32(0.1) * np.array(gradient, np.float32)
+        assert skipped == (not is_finite), i
+        assert float(ours.scale) == reference.scale, i
+        assert int(ours.good_steps) == reference.good, i
+        assert int(ours.optimizer.iterations) == reference.iterations == i + 1, i
+        np.testing.assert_allclose(var.numpy(), expected_var, rtol=1e-6)
+    assert float(ours.scale) == 2.0  # The floor (1), then one growth.
+    # Doubling that would overflow float32 keeps the old scale, as in Keras 2.
+    ours.state.scale.assign(2.0 ** 127)
+    reference.scale = 2.0 ** 127
+    for _ in range(2):  # The good-step counter stood at 1: the second step doubles.
+        apply_ours(tf.constant(finite))
+        reference.step(True)
+    assert float(ours.scale) == reference.scale == 2.0 ** 127
+    assert int(ours.good_steps) == reference.good == 0
+
+
+@pytest.mark.skipif(compat.KERAS_MAJOR == 3, reason=(
+    "Keras 3's LossScaleOptimizer counts no iteration on a skipped step and has no floor at "
+    "1; the scaler keeps Keras 2's rules under both (test above)"))
+def test_dynamic_scale_follows_keras_2_loss_scale_optimizer_step_by_step():
     # Our single-check apply must move the scale, the good-step counter, the step counter
-    # and the weights exactly as Keras' own LossScaleOptimizer.apply_gradients does.
+    # and the weights exactly as Keras 2's own LossScaleOptimizer.apply_gradients does.
     ours = _scaler("dynamic", growth_steps=3)
     keras_lso = mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.1),
                                                    dynamic_growth_steps=3)
     ours_var, keras_var = tf.Variable([1.0, -2.0]), tf.Variable([1.0, -2.0])
-    ours.optimizer.build([ours_var])
+    ours.build([ours_var])
     keras_lso.build([keras_var])
+
+    def keras_step(gradient):
+        # Keras' wrapper driven as in a custom loop: gradients of the scaled loss, unscaled,
+        # then its own apply_gradients (x and / by a power of two: exact).
+        keras_lso.get_scaled_loss(tf.constant(0.0))
+        scaled = [gradient * keras_lso.loss_scale]
+        keras_lso.apply_gradients(zip(keras_lso.get_unscaled_gradients(scaled), [keras_var]))
+
     apply_ours = tf.function(lambda g: ours.apply_gradients([g], [ours_var]))
-    apply_keras = tf.function(lambda g: _keras_step(keras_lso, [g], [keras_var]))
+    apply_keras = tf.function(keras_step)
     finite, inf, nan = [0.5, -0.25], [np.inf, 1.0], [1.0, np.nan]
-    # Growth after 3 good steps, halving on Inf and NaN, a skip resets the count, 17 skips
-    # in a row reach the floor of 1 and stay there, and growth starts again from the floor.
     sequence = [finite] * 4 + [inf, finite, nan] + [finite] * 3 + [nan] * 17 + [finite] * 4
     for i, gradient in enumerate(sequence):
         gradient = tf.constant(gradient)
@@ -112,15 +168,6 @@ def test_dynamic_scale_follows_keras_loss_scale_optimizer_step_by_step():
         assert int(ours.good_steps) == int(keras_lso.dynamic_counter), i
         assert int(ours.optimizer.iterations) == int(keras_lso.iterations) == i + 1, i
         np.testing.assert_array_equal(ours_var.numpy(), keras_var.numpy())
-    assert float(ours.scale) == 2.0  # The floor (1), then one growth.
-    # Doubling that would overflow float32 keeps the old scale, as in Keras.
-    for optimizer in (ours.optimizer, keras_lso):
-        optimizer._loss_scale.current_loss_scale.assign(2.0 ** 127)
-    for _ in range(2):  # The good-step counter stood at 1: the second step doubles.
-        apply_ours(tf.constant(finite))
-        apply_keras(tf.constant(finite))
-    assert float(ours.scale) == float(keras_lso.loss_scale) == 2.0 ** 127
-    assert int(ours.good_steps) == int(keras_lso.dynamic_counter) == 0
 
 
 def test_loss_scale_state_checkpoints_like_keras(tmp_path):
@@ -130,20 +177,21 @@ def test_loss_scale_state_checkpoints_like_keras(tmp_path):
     for gradient in ([np.inf], [1.0], [1.0]):
         ours.apply_gradients([tf.constant(gradient)], [var])
     path = tf.train.Checkpoint(optimizer=ours.optimizer).save(str(tmp_path / "ckpt"))
-    # A plain Keras LossScaleOptimizer reads what ours wrote: the same variables.
+    # A plain LossScaleOptimizer of the run's Keras reads what ours wrote: the same variables.
     keras_lso = mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.1),
                                                    dynamic_growth_steps=4)
     keras_lso.build([tf.Variable([0.0])])
     tf.train.Checkpoint(optimizer=keras_lso).restore(path).assert_existing_objects_matched()
-    assert float(keras_lso.loss_scale) == 2.0 ** 14
-    assert int(keras_lso.dynamic_counter) == 2 and int(keras_lso.iterations) == 3
+    state = compat.loss_scale_state(keras_lso)
+    assert float(state.scale) == 2.0 ** 14
+    assert int(state.counter) == 2 and int(keras_lso.iterations) == 3
 
 
 @pytest.mark.parametrize("mode", ["none", 64.0, "dynamic"])
 def test_non_finite_update_is_never_applied(mode):
     scaler = _scaler(mode)
     var = tf.Variable([1.0, 2.0])
-    scaler.optimizer.build([var])
+    scaler.build([var])
     apply = tf.function(lambda g: scaler.apply_gradients([g], [var]))
     for bad in ([np.inf, 1.0], [np.nan, 0.0], [-np.inf, 0.0]):
         assert bool(apply(tf.constant(bad)))
@@ -167,7 +215,7 @@ def test_one_finiteness_check_per_step(mode, extra):
     # (The dynamic scale's one extra is Keras' rule that a doubling to Inf is not kept.)
     scaler = _scaler(mode)
     variables = [tf.Variable(tf.ones((3, 2))), tf.Variable(tf.ones(2)), tf.Variable(1.0)]
-    scaler.optimizer.build(variables)
+    scaler.build(variables)
     step = tf.function(lambda grads: scaler.apply_gradients(grads, variables))
     concrete = step.get_concrete_function([tf.TensorSpec(v.shape) for v in variables])
     assert _count_ops(concrete, "IsFinite") == len(variables) + extra
@@ -177,7 +225,7 @@ def test_variable_without_gradient_is_left_untouched():
     # AdamW would move a variable given a zero gradient (weight decay); None must not.
     scaler = LossScaler(keras.optimizers.AdamW(0.1, weight_decay=0.5), mode="dynamic")
     used, unused = tf.Variable([1.0, 1.0]), tf.Variable([3.0, 3.0])
-    scaler.optimizer.build([used, unused])
+    scaler.build([used, unused])
     for _ in range(2):
         assert not bool(scaler.apply_gradients([tf.constant([1.0, -1.0]), None], [used, unused]))
     np.testing.assert_array_equal(unused.numpy(), [3.0, 3.0])
@@ -209,7 +257,7 @@ def test_trainer_none_loss_scale_has_no_wrapper():
     ("float32", "auto", False, 1.0),
     ("mixed_bfloat16", "auto", True, 2.0 ** 15),
     ("mixed_float16", "auto", True, 2.0 ** 15),
-    ("float32", "512", True, 512.0),
+    ("float32", "512", False, 512.0),  # A fixed scale needs no wrapper (no state).
 ])
 def test_trainer_loss_scale_defaults(policy, loss_scale, wrapped, scale):
     trainer = Trainer(small_config(policy=policy, loss_scale=loss_scale))
@@ -228,9 +276,11 @@ def test_trainer_step_checks_once_and_keeps_the_fused_update(loss_scale, extra):
     assert trainer._train_loop.experimental_get_tracing_count() == 1  # That same trace.
     n = len(trainer.model.trainable_variables)
     assert _count_ops(concrete, "IsFinite") == n + extra  # One check of the whole step.
-    # optimizers.fuse_updates: each variable's update is an XLA-compiled function.
+    # optimizers.prepare: each variable's update is an XLA-compiled function (Keras 2's
+    # update_step_xla, or compat's fused_update_step under Keras 3).
     library = concrete.graph.as_graph_def().library.function
-    fused = [f for f in library if "update_step_xla" in f.signature.name]
+    fused = [f for f in library if "update_step" in f.signature.name
+             and f.attr["_XlaMustCompile"].b]
     assert len(fused) == n and all(f.attr["_XlaMustCompile"].b for f in fused)
 
 

@@ -1,36 +1,296 @@
-"""The one place that picks the Keras 2 implementation.
+"""The one seam between the two Kerases: nothing else in the package asks which one it has.
 
-Loss scaling in a custom loop needs Keras 2's ``LossScaleOptimizer.get_scaled_loss`` and
-``get_unscaled_gradients``; Keras 3 removed both. Keras 2 is the ``tf_keras`` package on
-TensorFlow >= 2.16 and the built-in ``tf.keras`` on TensorFlow 2.15 (the version Habana's
-Gaudi bridge needs). Every other module imports ``keras`` from here, never directly.
+Which Keras a run uses is TensorFlow's own rule, never changed here: ``tf.keras`` is Keras 2 on
+TensorFlow 2.15 (the Gaudi stack) and, on TensorFlow >= 2.16, Keras 3 unless the user set
+``TF_USE_LEGACY_KERAS=1`` before starting (then Keras 2 from the ``tf_keras`` package). The
+library reads that answer from ``tf.keras`` and exports it as ``keras``; models, layers and
+optimizers of the run must come from it (``import keras`` or ``tf.keras`` under Keras 3).
+
+What differs, and is handled here (docs/keras.md has the full guide):
+
+- Loss scaling. Both ``LossScaleOptimizer`` wrappers hold a dynamic scale and a good-step
+  counter, under different names. The Trainer scales and unscales explicitly under both
+  (Keras 3's wrapper has no ``get_unscaled_gradients`` and would divide again inside its own
+  ``apply``), so only the state is taken from the wrapper: :func:`loss_scale_optimizer`,
+  :class:`LossScaleState`, :data:`LOSS_SCALE_KEYS`.
+- Applying gradients. The Trainer all-reduces once, before its finiteness check and clipping.
+  Keras 2 is told not to reduce again (``skip_gradients_aggregation``); Keras 3's TensorFlow
+  optimizer has no such switch and would sum the already-summed gradients once more, so its
+  reduction is turned into a pass-through on the optimizers the Trainer owns
+  (:func:`prepare_optimizer`, :func:`apply_gradients`).
+- Variables. A Keras 3 variable wraps a ``tf.Variable`` (:func:`tf_variable`); Keras 3 keeps
+  a layer's RNG (dropout) in ``SeedGenerator`` state variables that ``tf.train.Checkpoint``
+  does not find by itself (:func:`rng_variables`); Keras 2 needs
+  ``enable_tf_random_generator`` to keep that state in variables at all (:func:`seed_layers`).
+- Which Keras an object belongs to (:func:`keras_of`, :func:`check_same_keras`), and the
+  optimizer's fused (XLA) update.
 """
 
-import importlib.util
+from __future__ import annotations
+
+import dataclasses
 import os
+import sys
+from typing import List, Optional
 
-# Must be set before TensorFlow is imported so that `tf.keras` in user code is Keras 2 too.
-# Only when tf_keras is installed: TF 2.15's tf.keras *is* Keras 2, and with this variable set
-# it would look for the (absent) tf_keras package and fail to import.
-if importlib.util.find_spec("tf_keras") is not None:
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
+from trainer.errors import UserError
 
 TF_VERSION = tuple(int(part) for part in tf.__version__.split(".")[:2])
 
-if TF_VERSION >= (2, 16):
-    try:
-        import tf_keras as keras
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise ImportError(
-            f"TensorFlow {tf.__version__} ships Keras 3, which has no get_scaled_loss; install "
-            f"Keras 2 with `pip install tf_keras~={tf.__version__.rsplit('.', 1)[0]}.0` "
-            "(see BUILD.md)."
-        ) from error
-else:
-    keras = tf.keras
 
+def _pick_keras():
+    """The Keras that ``tf.keras`` means in this process, by TensorFlow's rule."""
+    if TF_VERSION < (2, 16):
+        return tf.keras, 2, f"Keras {tf.__version__} (tf.keras)"
+    try:
+        model_module = tf.keras.Model.__module__  # The lazy loader imports the chosen Keras.
+    except ImportError:
+        # TF_USE_LEGACY_KERAS=1 without the tf_keras package.
+        raise UserError(
+            f"TF_USE_LEGACY_KERAS={os.environ.get('TF_USE_LEGACY_KERAS')} asks TensorFlow "
+            f"{tf.__version__} for Keras 2, which is not installed: `pip install "
+            f"tf_keras~={tf.__version__.rsplit('.', 1)[0]}.0`, or unset TF_USE_LEGACY_KERAS "
+            "to use Keras 3") from None
+    if model_module.startswith("tf_keras"):
+        import tf_keras
+        return tf_keras, 2, f"Keras {tf_keras.__version__} (tf_keras)"
+    import keras as keras3
+    if keras3.backend.backend() != "tensorflow":
+        raise UserError(
+            f"Keras 3 runs on the {keras3.backend.backend()!r} backend here (KERAS_BACKEND="
+            f"{os.environ.get('KERAS_BACKEND', '<keras.json>')}); this framework trains with "
+            "TensorFlow: set KERAS_BACKEND=tensorflow before starting")
+    return keras3, 3, f"Keras {keras3.__version__}"
+
+
+keras, KERAS_MAJOR, KERAS_NAME = _pick_keras()
 mixed_precision = keras.mixed_precision
 
-__all__ = ["tf", "keras", "mixed_precision", "TF_VERSION"]
+# How to run under the other Keras, for messages.
+_SWITCH = {
+    2: "unset TF_USE_LEGACY_KERAS (TensorFlow >= 2.16) to train with Keras 3"
+       if TF_VERSION >= (2, 16) else "use TensorFlow >= 2.16 for Keras 3",
+    3: "set TF_USE_LEGACY_KERAS=1 before starting to train with Keras 2 (tf_keras)",
+}
+# Where each Keras' classes live: the top package of their modules.
+_ROOTS = {"tf_keras": 2, "keras": 2 if TF_VERSION < (2, 16) else 3}
+
+
+def keras_of(obj) -> Optional[int]:
+    """2 or 3 for an object (or class) from a Keras package; None for anything else."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    for klass in cls.__mro__:
+        root = klass.__module__.split(".")[0]
+        if root in _ROOTS:
+            if root == "keras" and TF_VERSION >= (2, 16):
+                version = getattr(sys.modules.get("keras"), "__version__", "3")
+                return 2 if version.startswith("2") else 3
+            return _ROOTS[root]
+    return None
+
+
+def check_same_keras(obj, what: str) -> None:
+    """Refuses a Keras object that belongs to the other Keras than the run's.
+
+    Args:
+      obj: a model, layer, optimizer or metric.
+      what: what it is, for the message (e.g. "build_model() returned a model").
+
+    Raises:
+      UserError: one line naming both Kerases and the fix.
+    """
+    major = keras_of(obj)
+    if major is None or major == KERAS_MAJOR:
+        return
+    built_with = "tf_keras" if major == 2 else "`import keras`"
+    raise UserError(
+        f"{what} is a Keras {major} {type(obj).__name__} (built with {built_with}), but this "
+        f"run uses {KERAS_NAME}, as TensorFlow chose: build it with "
+        f"{'`import keras` or tf.keras' if KERAS_MAJOR == 3 else 'tf_keras or tf.keras'}, "
+        f"or {_SWITCH[KERAS_MAJOR]}")
+
+
+def check_parts(model, what: str) -> None:
+    """:func:`check_same_keras` for ``model`` and every layer or attribute it holds."""
+    check_same_keras(model, what)
+    layers = list(model._flatten_layers()) if hasattr(model, "_flatten_layers") else [model]
+    for layer in layers:
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, (list, tuple)):
+                values = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            else:
+                values = [(name, value)]
+            for label, part in values:
+                check_same_keras(part, f"{what} holding {label!r} in layer "
+                                       f"{getattr(layer, 'name', '?')!r}, which")
+
+
+def other_keras_in_traceback(error: BaseException) -> Optional[int]:
+    """The other Keras' major version when ``error`` was raised inside its code, else None.
+
+    A model mixing the two Kerases (a tf_keras layer called on a Keras 3 tensor) fails deep
+    inside one of them; this tells such a failure from a bug in the user's own code.
+    """
+    other = 2 if KERAS_MAJOR == 3 else 3
+    package = "tf_keras" if other == 2 else "keras"
+    module = sys.modules.get(package)
+    if module is None or keras_of(getattr(module, "Model", None)) != other:
+        return None
+    root = os.path.dirname(module.__file__) + os.sep
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(root):
+            return other
+        tb = tb.tb_next
+    return None
+
+
+def mixed_keras_error(error: BaseException, what: str) -> Optional[UserError]:
+    """A one-line UserError when ``error`` came from mixing the Kerases, else None."""
+    other = other_keras_in_traceback(error)
+    if other is None:
+        return None
+    return UserError(
+        f"{what} failed inside Keras {other} ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}): it mixes Keras {other} objects "
+        f"into a run of {KERAS_NAME}; build everything with "
+        f"{'`import keras` or tf.keras' if KERAS_MAJOR == 3 else 'tf_keras or tf.keras'}, "
+        f"or {_SWITCH[KERAS_MAJOR]}")
+
+
+def tf_variable(variable) -> tf.Variable:
+    """The ``tf.Variable`` behind a Keras variable (Keras 3 wraps one; Keras 2's is one)."""
+    return getattr(variable, "value", variable) if KERAS_MAJOR == 3 else variable
+
+
+def weights(model) -> List[tf.Variable]:
+    """``model.weights`` as ``tf.Variable`` objects (with TensorFlow dtypes and shapes)."""
+    return [tf_variable(w) for w in model.weights]
+
+
+# ---------------------------------------------------------------- loss scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScaleState:
+    """A dynamic loss scale's variables inside a Keras ``LossScaleOptimizer``.
+
+    Attributes:
+      scale: float32 variable, the current scale.
+      counter: integer variable, finite steps since the scale last changed.
+      growth_steps: finite steps before the scale doubles.
+    """
+
+    scale: tf.Variable
+    counter: tf.Variable
+    growth_steps: int
+
+
+# Checkpoint key prefixes of that state (Keras 2 nests it under "loss_scale"; Keras 3 keeps
+# two variables on the wrapper itself).
+LOSS_SCALE_KEYS = ("optimizer/loss_scale/",) if KERAS_MAJOR == 2 else (
+    "optimizer/dynamic_scale/", "optimizer/step_counter/")
+
+INITIAL_SCALE = 2.0 ** 15  # Both Kerases start a dynamic scale here.
+
+
+def loss_scale_optimizer(inner, *, growth_steps: int):
+    """Wraps ``inner`` in the run's Keras ``LossScaleOptimizer`` with a dynamic scale."""
+    if KERAS_MAJOR == 2:
+        return mixed_precision.LossScaleOptimizer(inner, dynamic=True,
+                                                  initial_scale=INITIAL_SCALE,
+                                                  dynamic_growth_steps=growth_steps)
+    return keras.optimizers.LossScaleOptimizer(inner, initial_scale=INITIAL_SCALE,
+                                               dynamic_growth_steps=growth_steps)
+
+
+def loss_scale_state(wrapper) -> LossScaleState:
+    """The state variables of a wrapper from :func:`loss_scale_optimizer` (None before Keras 3
+    builds it: its variables are made by ``build``)."""
+    if KERAS_MAJOR == 2:
+        state = wrapper._loss_scale  # pylint: disable=protected-access
+        return LossScaleState(state.current_loss_scale, state.counter, int(state.growth_steps))
+    if not wrapper.built:
+        return None
+    return LossScaleState(wrapper.dynamic_scale.value, wrapper.step_counter.value,
+                          int(wrapper.dynamic_growth_steps))
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+def prepare_optimizer(optimizer, *, fuse: bool) -> None:
+    """Readies an inner optimizer for the Trainer's step (which all-reduces by itself).
+
+    Args:
+      optimizer: the inner optimizer, from the run's Keras.
+      fuse: XLA-compile the per-variable update. Keras 2 turns an optimizer's
+        ``jit_compile`` off when no GPU is present, so on a CPU the float32 Adam update runs
+        as a dozen separate element-wise ops per variable (43% of a wide MLP's bf16 step
+        here; fused, that step is 1.30x faster: BENCHMARKS.md). Keras 3's TensorFlow
+        optimizer never compiles its update; its ``update_step`` is compiled the same way.
+    """
+    if KERAS_MAJOR == 2:
+        if fuse and hasattr(optimizer, "jit_compile"):
+            optimizer.jit_compile = True
+        return
+    # The step's gradients are summed across replicas already; Keras 3 would sum them again.
+    if not hasattr(optimizer, "_all_reduce_sum_gradients"):
+        raise RuntimeError(f"Keras {keras.__version__} changed its TensorFlow optimizer: "
+                           "trainer/compat.py must learn how to skip its gradient all-reduce")
+    optimizer._all_reduce_sum_gradients = lambda grads_and_vars: grads_and_vars
+    if fuse:
+        original = optimizer.update_step
+        # One trace per variable, as Keras 2's `_update_step_xla` keys them: the slots are
+        # looked up when tracing, so two variables of one shape must not share a trace.
+        @tf.function(jit_compile=True)
+        def fused_update_step(gradient, variable, learning_rate, key):
+            del key  # Only keys the trace.
+            return original(gradient, variable, learning_rate)
+
+        def update_step(gradient, variable, learning_rate):
+            # The learning rate may be a Keras variable, which tf.function cannot trace.
+            return fused_update_step(gradient, variable, tf.convert_to_tensor(learning_rate),
+                            optimizer._var_key(variable))  # pylint: disable=protected-access
+
+        optimizer.update_step = update_step
+
+
+def apply_gradients(optimizer, gradients, variables) -> None:
+    """Applies already all-reduced gradients (replica context), without reducing again."""
+    if KERAS_MAJOR == 2:
+        optimizer.apply_gradients(zip(gradients, variables), skip_gradients_aggregation=True)
+    else:
+        optimizer.apply(gradients, variables)
+
+
+def seed_layers() -> None:
+    """Keeps layer RNG state (dropout) in variables that checkpoints hold (bit-exact resume).
+
+    Keras 3 always does (``SeedGenerator`` state variables); Keras 2 only when asked.
+    """
+    if KERAS_MAJOR == 2:
+        keras.backend.experimental.enable_tf_random_generator()
+
+
+def rng_variables(model) -> List[tf.Variable]:
+    """Variables of ``model``'s layer RNGs that ``tf.train.Checkpoint(model=...)`` misses.
+
+    Keras 3 keeps them on ``SeedGenerator`` objects, which are not trackable; Keras 2's
+    generators are tracked with their layers ([] there).
+    """
+    if KERAS_MAJOR == 2:
+        return []
+    found = []
+    for layer in model._flatten_layers(include_self=True):  # pylint: disable=protected-access
+        for generator in getattr(layer, "_seed_generators", []):
+            found.append(generator.state.value)
+    return found
+
+
+__all__ = ["tf", "keras", "mixed_precision", "TF_VERSION", "KERAS_MAJOR", "KERAS_NAME",
+           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable", "weights",
+           "LossScaleState", "LOSS_SCALE_KEYS", "loss_scale_optimizer", "loss_scale_state",
+           "prepare_optimizer", "apply_gradients", "seed_layers", "rng_variables"]

@@ -38,3 +38,20 @@ def exit_with(error: Exception) -> "NoReturn":
 def warn(message: str) -> None:
     """Prints one ``warning: message`` line on stderr: the run's one channel for warnings."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _print_user_errors(kind, error, traceback) -> None:
+    """An uncaught UserError in a user's script is one ``error:`` line and exit status 1.
+
+    ``run.py`` catches them itself; a script calling ``trainer.run`` gets the same output
+    instead of a traceback through the library. Any other exception goes to the previous hook.
+    """
+    if issubclass(kind, UserError):
+        sys.stdout.flush()
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return
+    _previous_hook(kind, error, traceback)
+
+
+_previous_hook = sys.excepthook
+sys.excepthook = _print_user_errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence, Type
 
-from trainer import registry
+from trainer import compat, registry
 from trainer.config import TrainConfig
 from trainer.core.steps import Trainer
 from trainer.errors import TrainingStopped, UserError
@@ -181,6 +181,7 @@ def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, tes
         "optimizer": config.optimizer,
         "learning_rate": config.learning_rate,
         "loss_scale_mode": str(config.resolved_loss_scale),
+        "keras": compat.KERAS_NAME,
         "num_workers": cluster.num_workers,
         # Every evaluation metric, as test_<name> and (last validation) val_<name>.
         **{f"test_{name}": value for name, value in test.items()},

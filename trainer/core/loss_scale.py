@@ -14,9 +14,10 @@ own state variables and by its rules (halve on overflow, never below 1; double a
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
-from trainer.compat import mixed_precision, tf
+from trainer import compat
+from trainer.compat import tf
 
 
 def all_finite(gradients: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -42,12 +43,18 @@ class _Unwrapped:
 
 
 class LossScaler:
-    """Wraps an optimizer in Keras 2's ``LossScaleOptimizer`` when ``mode`` asks for it.
+    """Scales the loss and unscales the gradients explicitly, under either Keras.
+
+    A dynamic scale lives in the run's Keras ``LossScaleOptimizer`` (its state variables, so
+    checkpoints hold it where Keras keeps it); this class updates it by Keras 2's rules under
+    both Kerases. The wrapper's own ``apply``/``apply_gradients`` is never called: under
+    Keras 3 it would divide the (already unscaled) gradients by the scale a second time.
 
     Args:
-      optimizer: the inner Keras 2 optimizer.
-      mode: 'dynamic' (start at 2**15, halve on overflow, double after ``growth_steps``
-        finite steps), 'none' (no wrapper), or a positive float (a fixed scale).
+      optimizer: the inner optimizer, from the run's Keras.
+      mode: 'dynamic' (start at 2**15, halve on overflow, never below 1; double after
+        ``growth_steps`` finite steps), 'none' (no scaling, no wrapper), or a positive float
+        (a fixed scale; no state, so no wrapper either).
       growth_steps: finite steps before a dynamic scale doubles.
     """
 
@@ -58,21 +65,44 @@ class LossScaler:
         self.enabled = mode != "none"
         self.dynamic = mode == "dynamic"
         self.inner_optimizer = optimizer
-        if self.enabled:
-            kwargs = {"dynamic": True, "dynamic_growth_steps": growth_steps}
-            if not self.dynamic:
-                kwargs = {"dynamic": False, "initial_scale": float(mode)}
-            self.optimizer = mixed_precision.LossScaleOptimizer(optimizer, **kwargs)
-        else:
-            self.optimizer = optimizer
+        self.optimizer = compat.loss_scale_optimizer(optimizer, growth_steps=growth_steps) \
+            if self.dynamic else optimizer
+        self._fixed = None if self.dynamic or not self.enabled else float(mode)
+
+    def build(self, variables) -> None:
+        """Creates the optimizer's slots (and the scale's state) for ``variables``."""
+        self.optimizer.build(variables)
+
+    @property
+    def state(self) -> Optional[compat.LossScaleState]:
+        """The dynamic scale's variables (only when ``dynamic``; None until built)."""
+        return compat.loss_scale_state(self.optimizer)
 
     def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
         """Loss x current scale (call inside the tape); the loss itself when off."""
-        return self.optimizer.get_scaled_loss(loss) if self.enabled else loss
+        if not self.enabled:
+            return loss
+        return loss * tf.cast(self.scale, loss.dtype)
 
     def unscale_gradients(self, gradients):
-        """Gradients / current scale (call after the tape); unchanged when off."""
-        return self.optimizer.get_unscaled_gradients(gradients) if self.enabled else gradients
+        """Gradients x (1 / current scale) (call after the tape); unchanged when off.
+
+        The reciprocal is taken once, in float32, as Keras 2's ``get_unscaled_gradients``
+        does; a power-of-two scale makes it exact.
+        """
+        if not self.enabled:
+            return gradients
+        reciprocal = 1.0 / self.scale
+
+        def unscale(g):
+            if g is None:
+                return None
+            if isinstance(g, tf.IndexedSlices):
+                return tf.IndexedSlices(g.values * tf.cast(reciprocal, g.dtype), g.indices,
+                                        g.dense_shape)
+            return g * tf.cast(reciprocal, g.dtype)
+
+        return [unscale(g) for g in gradients]
 
     def apply_gradients(self, gradients, variables) -> tf.Tensor:
         """Applies all-reduced, unscaled gradients unless one is non-finite.
@@ -104,8 +134,7 @@ class LossScaler:
         return tf.logical_not(finite)
 
     def _apply(self, gradients, variables: _Unwrapped) -> None:
-        self.inner_optimizer.apply_gradients(zip(gradients, variables.value),
-                                             skip_gradients_aggregation=True)
+        compat.apply_gradients(self.inner_optimizer, gradients, variables.value)
 
     def _apply_if_finite(self, finite: tf.Tensor, apply) -> None:
         def on_finite():
@@ -115,23 +144,21 @@ class LossScaler:
 
         def on_overflow():
             # The update is skipped but the step counts (Keras' LossScaleOptimizer does too).
-            self.inner_optimizer.iterations.assign_add(1, read_value=False)
+            compat.tf_variable(self.inner_optimizer.iterations).assign_add(1, read_value=False)
             if self.dynamic:
-                state = self._state
+                state = self.state
                 state.counter.assign(0)
-                state.current_loss_scale.assign(
-                    tf.maximum(state.current_loss_scale / state.multiplier, 1.0))
+                state.scale.assign(tf.maximum(state.scale / 2.0, 1.0))
 
         tf.cond(finite, on_finite, on_overflow)
 
     def _count_good_step(self) -> None:
-        state = self._state
+        state = self.state
 
         def grow():
-            doubled = state.current_loss_scale * state.multiplier
+            doubled = state.scale * 2.0
             # Keras keeps the old scale when doubling would overflow float32.
-            state.current_loss_scale.assign(
-                tf.where(tf.math.is_finite(doubled), doubled, state.current_loss_scale))
+            state.scale.assign(tf.where(tf.math.is_finite(doubled), doubled, state.scale))
             state.counter.assign(0)
 
         def count():
@@ -140,21 +167,17 @@ class LossScaler:
         tf.cond(state.counter + 1 >= state.growth_steps, grow, count)
 
     @property
-    def _state(self):
-        # Keras' _DynamicLossScaleState: `current_loss_scale` and `counter` (saved as
-        # 'good_steps'), the variables its own apply_gradients would update.
-        return self.optimizer._loss_scale
-
-    @property
     def scale(self) -> tf.Tensor:
         """The current loss scale as a float32 tensor (1.0 when off)."""
-        if not self.enabled:
-            return tf.constant(1.0)
-        return tf.convert_to_tensor(self.optimizer.loss_scale, tf.float32)
+        if self.dynamic:
+            state = self.state
+            return tf.convert_to_tensor(compat.INITIAL_SCALE if state is None else state.scale,
+                                        tf.float32)
+        return tf.constant(self._fixed or 1.0, tf.float32)
 
     @property
     def good_steps(self) -> tf.Tensor:
         """Finite steps since the dynamic scale last changed (0 when not dynamic)."""
         if not self.dynamic:
             return tf.constant(0, tf.int64)
-        return tf.cast(self.optimizer.dynamic_counter, tf.int64)
+        return tf.cast(self.state.counter, tf.int64)

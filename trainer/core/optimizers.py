@@ -1,7 +1,8 @@
-"""Optimizers and learning-rate schedules by name (Keras 2; loss scaling is the Trainer's)."""
+"""Optimizers and learning-rate schedules by name (the run's Keras; loss scaling is the Trainer's)."""
 
 from __future__ import annotations
 
+from trainer import compat
 from trainer.compat import keras, tf
 from trainer.errors import ConfigError
 from trainer.runtime import devices
@@ -36,7 +37,7 @@ def schedule(name: str, learning_rate: float, *, total_steps: int, warmup_steps:
 
 
 def build(name: str, learning_rate):
-    """Returns a fresh Keras 2 optimizer ``name`` with ``learning_rate`` (float or schedule)."""
+    """Returns a fresh optimizer of the run's Keras, ``name`` with ``learning_rate`` (float or schedule)."""
     opt = keras.optimizers
     factories = {
         "sgd": lambda: opt.SGD(learning_rate),
@@ -59,13 +60,10 @@ def current_learning_rate(optimizer) -> float:
     return float(tf.convert_to_tensor(lr))
 
 
-def fuse_updates(optimizer) -> None:
-    """XLA-compiles the optimizer's per-variable update, except on Gaudi.
+def prepare(optimizer) -> None:
+    """Readies the inner optimizer for the Trainer's step: fused (XLA) updates, except on Gaudi.
 
-    Keras 2 turns an optimizer's ``jit_compile`` off when no GPU is present, so on a CPU the
-    float32 Adam update runs as a dozen separate element-wise ops per variable: 43% of a wide
-    MLP's bf16 step here; fused, that step is 1.30x faster (BENCHMARKS.md). Habana's bridge
-    has no XLA, so HPU runs keep the plain update.
+    Habana's bridge has no XLA, so HPU runs keep the plain update (see
+    ``compat.prepare_optimizer`` for what fusing does and why it pays on a CPU).
     """
-    if hasattr(optimizer, "jit_compile") and not devices.hpu_visible():
-        optimizer.jit_compile = True
+    compat.prepare_optimizer(optimizer, fuse=not devices.hpu_visible())

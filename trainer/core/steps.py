@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from trainer import data, registry
+from trainer import compat, data, registry
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
 from trainer.core import contracts, optimizers, precision, weighted_metrics
@@ -90,21 +90,22 @@ class Trainer:
             # Bit-exact resume: deterministic kernels, and layer RNGs (dropout) held in
             # tf.random.Generator variables, which are saved with the model.
             tf.config.experimental.enable_op_determinism()
-            keras.backend.experimental.enable_tf_random_generator()
+            compat.seed_layers()
         with self.strategy.scope():
             with precision.policy_scope(config.policy):
-                self.model = self.build_model()
+                self.model = self._call_hook(self.build_model, "build_model() returned a model")
             sample = tf.zeros((1,) + tuple(self.datasets.input_shape), tf.float32)
             precision.check_output_dtypes(self.model, self.model(sample, training=False),
                                           policy=config.policy,
                                           auto_cast=config.auto_cast_outputs)
-            inner_optimizer = self.build_optimizer()
-            optimizers.fuse_updates(inner_optimizer)
+            inner_optimizer = self._call_hook(self.build_optimizer,
+                                              "build_optimizer() returned an optimizer")
+            optimizers.prepare(inner_optimizer)
             self.loss_scaler = LossScaler(inner_optimizer, mode=config.resolved_loss_scale)
             self.optimizer = self.loss_scaler.optimizer
-            self.optimizer.build(self.model.trainable_variables)
-            self.train_metrics = {"loss": keras.metrics.Mean(name="loss"), **self.build_metrics()}
-            self.eval_metrics = {"loss": keras.metrics.Mean(name="loss"), **self.build_metrics()}
+            self.loss_scaler.build(self.model.trainable_variables)
+            self.train_metrics = {"loss": keras.metrics.Mean(name="loss"), **self._metrics()}
+            self.eval_metrics = {"loss": keras.metrics.Mean(name="loss"), **self._metrics()}
             counter = dict(initial_value=0, dtype=tf.int64, trainable=False,
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.skipped_steps = tf.Variable(name="skipped_steps", **counter)
@@ -119,6 +120,25 @@ class Trainer:
         # all-reduce and the optimizer update stay outside, where every strategy supports them.
         self._gradients = tf.function(self._gradients_fn, jit_compile=True) \
             if config.jit_compile else self._gradients_fn
+
+    def _call_hook(self, hook, what: str):
+        """Calls a build hook; an object (or a failure) from the other Keras is one UserError."""
+        try:
+            built = hook()
+        except Exception as error:  # noqa: BLE001 - only a mix of Kerases is translated.
+            mixed = compat.mixed_keras_error(error, f"{type(self).__name__}.{hook.__name__}()")
+            if mixed is None:
+                raise
+            raise mixed from None
+        if not isinstance(built, dict):
+            compat.check_parts(built, what)
+        return built
+
+    def _metrics(self) -> Dict[str, keras.metrics.Metric]:
+        metrics = self._call_hook(self.build_metrics, "build_metrics() returned a dict")
+        for name, metric in metrics.items():
+            compat.check_same_keras(metric, f"build_metrics()[{name!r}]")
+        return metrics
 
     # ------------------------------------------------------------------ hooks
 
@@ -195,8 +215,8 @@ class Trainer:
 
     @property
     def global_step(self) -> tf.Variable:
-        """Optimizer steps taken, skipped (non-finite) steps included."""
-        return self.optimizer.iterations
+        """Optimizer steps taken, skipped (non-finite) steps included (a ``tf.Variable``)."""
+        return compat.tf_variable(self.optimizer.iterations)
 
     @property
     def model_name(self) -> str:
@@ -227,6 +247,10 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "train_metrics": tf.train.Checkpoint(**self.train_metrics),
         }
+        rng = compat.rng_variables(self.model)
+        if rng:  # Keras 3's dropout state, which the model's own checkpoint keys miss.
+            items["model_rng"] = tf.train.Checkpoint(
+                **{f"generator_{i}": v for i, v in enumerate(rng)})
         # With `train_from` the input position follows from the global step (see
         # train_iterator). Otherwise the iterator itself is saved where it can be: a
         # tf.distribute iterator (any strategy but the default) is not trackable, so there a
@@ -253,12 +277,12 @@ class Trainer:
 
     def weights_checksum(self) -> float:
         """A float64 sum of every model weight, to compare runs."""
-        return float(sum(tf.reduce_sum(tf.cast(w, tf.float64)).numpy() for w in self.model.weights))
+        return float(sum(tf.reduce_sum(tf.cast(w, tf.float64)).numpy() for w in compat.weights(self.model)))
 
     def weights_finite(self) -> bool:
         """True when every floating-point model weight is finite (no Inf, no NaN)."""
         return all(bool(tf.reduce_all(tf.math.is_finite(w)).numpy())
-                   for w in self.model.weights if w.dtype.is_floating)
+                   for w in compat.weights(self.model) if w.dtype.is_floating)
 
     # ------------------------------------------------------------------ public, fixed
 

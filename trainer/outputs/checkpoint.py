@@ -15,6 +15,7 @@ import tempfile
 import zlib
 from typing import Optional
 
+from trainer import compat
 from trainer.compat import tf
 from trainer.errors import UserError, warn
 from trainer.outputs import files, layout
@@ -25,9 +26,6 @@ from trainer.runtime import lockstep
 _MUST_MATCH = ("model", "model_args", "architecture", "optimizer", "dataset", "batch_size",
                "grad_accum_steps", "seed", "validation_split", "synthetic_examples",
                "data_files")
-# Where a dynamic loss scale's state sits in a checkpoint (LossScaleOptimizer delegates its
-# dependencies to the inner optimizer).
-_LOSS_SCALE_KEY = "optimizer/loss_scale/"
 _SHOWN = {"architecture": "the weight shapes", "data_files": "data files (sizes and CRC-32)"}
 
 
@@ -35,9 +33,10 @@ def run_signature(trainer) -> dict:
     """What identifies a run's checkpoints: model, architecture, policy, optimizer, data."""
     config = trainer.config
     return {
+        "keras": compat.KERAS_MAJOR,
         "model": config.model,
         "model_args": config.model_args,
-        "architecture": [[list(w.shape), w.dtype.name] for w in trainer.model.weights],
+        "architecture": [[list(w.shape), w.dtype.name] for w in compat.weights(trainer.model)],
         "policy": config.policy,
         "optimizer": config.optimizer,
         "dataset": config.dataset,
@@ -91,6 +90,15 @@ def check_compatible(model_dir: str, signature: dict, *, allow_policy_change: bo
             saved = json.load(f)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read {path} ({error}); use a new --model_dir") from None
+    # Runs of earlier versions recorded no Keras: they all trained under Keras 2.
+    written_under = saved.get("keras", 2)
+    if written_under != signature["keras"]:
+        switch = ("set TF_USE_LEGACY_KERAS=1 before starting" if written_under == 2 else
+                  "unset TF_USE_LEGACY_KERAS (on TensorFlow >= 2.16)")
+        raise UserError(
+            f"{model_dir} holds checkpoints written under Keras {written_under}, but this run "
+            f"uses {compat.KERAS_NAME} (their variables are laid out differently): {switch} to "
+            f"resume it, or use a new --model_dir. Nothing was changed.")
     keys = _MUST_MATCH if allow_policy_change else _MUST_MATCH + ("policy",)
     for key in keys:
         if saved.get(key) != signature[key]:
@@ -170,7 +178,7 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 - TF's reader raises many types here.
                 self._warn_damaged(path, error)
                 continue
-            saved_scale = any(n.startswith(_LOSS_SCALE_KEY) for n in names)
+            saved_scale = any(n.startswith(compat.LOSS_SCALE_KEYS) for n in names)
             try:
                 status = self.checkpoint.restore(path)
                 # Values the checkpoint has and we lack (a loss scale, after a change to
@@ -205,8 +213,7 @@ class Checkpointer:
         scaler = self.trainer.loss_scaler
         if not scaler.dynamic:
             return []
-        state = scaler.optimizer._loss_scale  # pylint: disable=protected-access
-        return [state.current_loss_scale, state.counter]
+        return [scaler.state.scale, scaler.state.counter]
 
     @staticmethod
     def _mismatch(path: str, error: Exception) -> "CheckpointMismatch":

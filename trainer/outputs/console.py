@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Container, Dict, Sequence
 
+from trainer import compat
 from trainer.compat import keras
 from trainer.core.steps import Trainer
 
@@ -23,7 +24,7 @@ def banner(*, device, config, trainer) -> None:
     _out(f"device: {device.description}")
     _out(f"policy: {config.policy} | loss scale: {config.resolved_loss_scale} | "
          f"model: {trainer.model_name} ({params:,} parameters) | optimizer: {config.optimizer} "
-         f"lr={config.learning_rate}")
+         f"lr={config.learning_rate} | {compat.KERAS_NAME}")
     # A Trainer with its own build_datasets trains on what that returned, not --dataset.
     name = config.dataset if type(trainer).build_datasets is Trainer.build_datasets else None
     _out(f"data: {f'{name} from ' if name else ''}{ds.source}: {ds.num_train} train / "

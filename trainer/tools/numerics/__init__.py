@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple, Type
 
-from trainer import registry
+from trainer import compat, registry
 from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.core import optimizers, precision
@@ -160,7 +160,8 @@ class Inspector:
         trainer, config = self.trainer, self.trainer.config
         if self._models is None:
             self._build()
-        local = [trainer.strategy.experimental_local_results(v)[0] for v in trainer.model.weights]
+        local = [trainer.strategy.experimental_local_results(v)[0]
+                 for v in compat.weights(trainer.model)]
         for model in self._models:
             for target, value in zip(model.weights, local):
                 target.assign(tf.convert_to_tensor(value))
