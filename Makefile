@@ -74,11 +74,20 @@ run: setup
 # The tests whose output depends on the CPU's bf16 instructions, run again as on the other kind
 # of CPU (--cpu-bf16=other sets TRAINER_CPU_BF16 against this CPU's own answer, which
 # trainer/runtime/devices.py reads): both paths are tested on any machine.
+# The main lane runs under Keras 3 (TensorFlow 2.21's default); this core subset runs again
+# under Keras 2 (tf_keras), as TensorFlow gives it to a process started with
+# TF_USE_LEGACY_KERAS=1 (docs/keras.md). The TF 2.15 lane is Keras 2 as well.
+KERAS2_TESTS := tests/test_steps.py tests/test_loss_scale.py tests/test_precision.py \
+	tests/test_checkpoint.py tests/test_accumulation.py tests/test_fit_loop.py \
+	tests/test_distribution.py tests/test_eval_padding.py tests/test_export.py \
+	tests/test_compare.py tests/test_numerics.py tests/test_examples.py
+
 CPU_KIND_TESTS := tests/test_devices.py tests/test_tfds.py tests/test_profiling.py tests/test_cli.py
 
 test: setup
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q -p no:cacheprovider --cpu-bf16=other $(CPU_KIND_TESTS)
+	TF_USE_LEGACY_KERAS=1 $(PY) -m pytest -q -p no:cacheprovider $(KERAS2_TESTS)
 	$(MAKE) --no-print-directory test-tf215
 
 # Speed ratios (ours vs Model.fit, bf16 vs float32, MFU) measured in one run: see BENCHMARKS.md.

@@ -3,12 +3,16 @@
 Run it from the repository root:  python examples/custom_trainer.py
 (--quick trains a few seconds on synthetic data instead of Fashion-MNIST).
 The base class still owns compilation, loss scaling and the mixed-precision checks.
+Written with Keras 3 (`import keras`), TensorFlow's Keras since 2.16; for Keras 2 see
+docs/keras.md.
 """
 
 import sys
 
+import keras
+import tensorflow as tf
+
 import trainer
-from trainer.compat import keras, tf
 
 
 class SmoothedCNNTrainer(trainer.Trainer):

@@ -46,23 +46,32 @@ def _pick_keras():
         return tf.keras, 2, f"Keras {tf.__version__} (tf.keras)"
     try:
         model_module = tf.keras.Model.__module__  # The lazy loader imports the chosen Keras.
-    except ImportError:
-        # TF_USE_LEGACY_KERAS=1 without the tf_keras package.
-        raise UserError(
-            f"TF_USE_LEGACY_KERAS={os.environ.get('TF_USE_LEGACY_KERAS')} asks TensorFlow "
-            f"{tf.__version__} for Keras 2, which is not installed: `pip install "
-            f"tf_keras~={tf.__version__.rsplit('.', 1)[0]}.0`, or unset TF_USE_LEGACY_KERAS "
-            "to use Keras 3") from None
+    except Exception as error:  # noqa: BLE001 - whatever the chosen Keras failed with.
+        if os.environ.get("TF_USE_LEGACY_KERAS") in ("true", "True", "1"):  # TF's own test.
+            raise UserError(
+                f"TF_USE_LEGACY_KERAS={os.environ['TF_USE_LEGACY_KERAS']} asks TensorFlow "
+                f"{tf.__version__} for Keras 2, which is not installed: `pip install "
+                f"tf_keras~={tf.__version__.rsplit('.', 1)[0]}.0`, or unset TF_USE_LEGACY_KERAS "
+                "to use Keras 3") from None
+        _check_backend(os.environ.get("KERAS_BACKEND", "tensorflow"), error)
+        raise UserError(f"TensorFlow {tf.__version__} cannot load Keras ({type(error).__name__}: "
+                        f"{error}); reinstall it: pip install -r requirements.txt") from None
     if model_module.startswith("tf_keras"):
-        import tf_keras
+        import tf_keras  # Only the Keras TensorFlow chose is imported.
         return tf_keras, 2, f"Keras {tf_keras.__version__} (tf_keras)"
-    import keras as keras3
-    if keras3.backend.backend() != "tensorflow":
-        raise UserError(
-            f"Keras 3 runs on the {keras3.backend.backend()!r} backend here (KERAS_BACKEND="
-            f"{os.environ.get('KERAS_BACKEND', '<keras.json>')}); this framework trains with "
-            "TensorFlow: set KERAS_BACKEND=tensorflow before starting")
+    import keras as keras3  # Only the Keras TensorFlow chose is imported.
+    _check_backend(keras3.backend.backend())
     return keras3, 3, f"Keras {keras3.__version__}"
+
+
+def _check_backend(backend: str, error: Optional[Exception] = None) -> None:
+    if backend == "tensorflow":
+        return
+    failed = f", which failed to load ({type(error).__name__}: {error})" if error else ""
+    raise UserError(
+        f"Keras 3 is set to the {backend!r} backend (KERAS_BACKEND or ~/.keras/keras.json)"
+        f"{failed}; this framework trains with TensorFlow: set KERAS_BACKEND=tensorflow "
+        "before starting")
 
 
 keras, KERAS_MAJOR, KERAS_NAME = _pick_keras()
@@ -163,6 +172,15 @@ def mixed_keras_error(error: BaseException, what: str) -> Optional[UserError]:
 def tf_variable(variable) -> tf.Variable:
     """The ``tf.Variable`` behind a Keras variable (Keras 3 wraps one; Keras 2's is one)."""
     return getattr(variable, "value", variable) if KERAS_MAJOR == 3 else variable
+
+
+def producing_layer(tensor):
+    """The layer whose output a functional model's symbolic tensor is (None if unknown)."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    # Keras 2 names it `layer`; Keras 3 `operation` (the same tuple's first field).
+    return getattr(history, "layer", None) or getattr(history, "operation", None)
 
 
 def weights(model) -> List[tf.Variable]:
@@ -291,6 +309,6 @@ def rng_variables(model) -> List[tf.Variable]:
 
 
 __all__ = ["tf", "keras", "mixed_precision", "TF_VERSION", "KERAS_MAJOR", "KERAS_NAME",
-           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable", "weights",
+           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable", "weights", "producing_layer",
            "LossScaleState", "LOSS_SCALE_KEYS", "loss_scale_optimizer", "loss_scale_state",
            "prepare_optimizer", "apply_gradients", "seed_layers", "rng_variables"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
-from trainer import data, registry
+from trainer import compat, data, registry
 from trainer.compat import keras, tf
 from trainer.config import TrainConfig
 from trainer.core import precision
@@ -86,7 +86,8 @@ def _output_dtype(layer) -> str:
         outputs = tf.nest.flatten(layer.output)
     except (AttributeError, RuntimeError):  # Shared layers have no single output.
         return "-"
-    return ",".join(sorted({t.dtype.name for t in outputs}))
+    # tf.as_dtype: Keras 3's symbolic tensors give their dtype as a string.
+    return ",".join(sorted({tf.as_dtype(t.dtype).name for t in outputs}))
 
 
 def _is_softmax(layer) -> bool:
@@ -104,9 +105,9 @@ def audit_model(model: keras.Model, *, policy: str, sample: tf.Tensor) -> AuditR
     outputs = tf.nest.flatten(model(sample, training=False))
     output_layer_names = set()
     for tensor in tf.nest.flatten(getattr(model, "outputs", None) or []):
-        history = getattr(tensor, "_keras_history", None)
-        if history is not None:
-            output_layer_names.add(history.layer.name)
+        layer = compat.producing_layer(tensor)
+        if layer is not None:
+            output_layer_names.add(layer.name)
     rows = []
     for layer, dtypes in zip(model.layers, precision.layer_dtypes(model)):
         notes = []
@@ -128,7 +129,8 @@ def audit_model(model: keras.Model, *, policy: str, sample: tf.Tensor) -> AuditR
             if layer.variable_dtype in _LOW_PRECISION:
                 notes.append(f"!! normalisation variables in {layer.variable_dtype}")
             try:
-                stats = statistics_dtypes(layer, layer.input.shape, layer.input.dtype.name)
+                stats = statistics_dtypes(layer, layer.input.shape,
+                                          tf.as_dtype(layer.input.dtype).name)
             except (AttributeError, RuntimeError, ValueError):
                 stats = []
             low = [d for d in stats if d in _LOW_PRECISION]
