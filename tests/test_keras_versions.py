@@ -236,3 +236,30 @@ def test_a_users_keras_3_script_trains(tmp_path, style, policy):
     assert summary["policy"] == policy
     assert summary["loss_scale_mode"] == ("dynamic" if policy == "mixed_bfloat16" else "none")
     assert summary["test_accuracy"] > 0.15  # Synthetic classes are learnable: above chance.
+
+
+def test_a_model_dir_written_under_keras_2_is_refused_under_keras_3_and_resumes_under_2(tmp_path):
+    model_dir = tmp_path / "run"
+    args = ["--dataset=synthetic", "--synthetic_examples=256", "--batch_size=32",
+            f"--model_dir={model_dir}"]
+    env2 = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env3 = dict(env2)
+    env2["TF_USE_LEGACY_KERAS"] = "1"
+
+    def run(env, *extra):
+        return subprocess.run([sys.executable, str(ROOT / "run.py"), *args, *extra], cwd=ROOT,
+                              env=dict(env, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
+                              text=True, timeout=300)
+
+    first = run(env2, "--epochs=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    refused = run(env3, "--epochs=2")
+    assert refused.returncode == 1
+    lines = user_stderr_lines(refused.stderr)
+    assert len(lines) == 1 and "written under Keras 2" in lines[0], refused.stderr[-2000:]
+    assert "set TF_USE_LEGACY_KERAS=1" in lines[0]
+    assert {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()} == before
+    resumed = run(env2, "--epochs=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resum" in (resumed.stdout + resumed.stderr).lower()

@@ -124,7 +124,7 @@ def check_same_keras(obj, what: str) -> None:
 def check_parts(model, what: str) -> None:
     """:func:`check_same_keras` for ``model`` and every layer or attribute it holds."""
     check_same_keras(model, what)
-    layers = list(model._flatten_layers()) if hasattr(model, "_flatten_layers") else [model]
+    layers = [model, *sublayers(model)] if hasattr(model, "_flatten_layers") else [model]
     for layer in layers:
         for name, value in list(vars(layer).items()):
             if isinstance(value, (list, tuple)):
@@ -172,6 +172,12 @@ def mixed_keras_error(error: BaseException, what: str) -> Optional[UserError]:
 def tf_variable(variable) -> tf.Variable:
     """The ``tf.Variable`` behind a Keras variable (Keras 3 wraps one; Keras 2's is one)."""
     return getattr(variable, "value", variable) if KERAS_MAJOR == 3 else variable
+
+
+def sublayers(model) -> list:
+    """Every layer inside ``model``, recursively (Keras 3 layers are not ``tf.Module``s, so
+    ``submodules`` is Keras 2 only; both have this private walk)."""
+    return list(model._flatten_layers(include_self=False))  # pylint: disable=protected-access
 
 
 def producing_layer(tensor):
@@ -293,6 +299,20 @@ def seed_layers() -> None:
         keras.backend.experimental.enable_tf_random_generator()
 
 
+def metrics_checkpoint(metrics: dict) -> tf.train.Checkpoint:
+    """A checkpoint object holding the state of named Keras metrics.
+
+    Keras 2 metrics are trackable themselves (their keys stay those of earlier versions);
+    Keras 3 metrics are not, so their variables are held by position.
+    """
+    if KERAS_MAJOR == 2:
+        return tf.train.Checkpoint(**metrics)
+    return tf.train.Checkpoint(**{
+        name: tf.train.Checkpoint(**{f"v{i}": tf_variable(v)
+                                     for i, v in enumerate(metric.variables)})
+        for name, metric in metrics.items()})
+
+
 def rng_variables(model) -> List[tf.Variable]:
     """Variables of ``model``'s layer RNGs that ``tf.train.Checkpoint(model=...)`` misses.
 
@@ -302,13 +322,14 @@ def rng_variables(model) -> List[tf.Variable]:
     if KERAS_MAJOR == 2:
         return []
     found = []
-    for layer in model._flatten_layers(include_self=True):  # pylint: disable=protected-access
+    for layer in [model, *sublayers(model)]:
         for generator in getattr(layer, "_seed_generators", []):
             found.append(generator.state.value)
     return found
 
 
 __all__ = ["tf", "keras", "mixed_precision", "TF_VERSION", "KERAS_MAJOR", "KERAS_NAME",
-           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable", "weights", "producing_layer",
+           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable", "weights", "producing_layer", "sublayers",
            "LossScaleState", "LOSS_SCALE_KEYS", "loss_scale_optimizer", "loss_scale_state",
-           "prepare_optimizer", "apply_gradients", "seed_layers", "rng_variables"]
+           "prepare_optimizer", "apply_gradients", "seed_layers", "rng_variables",
+           "metrics_checkpoint"]

@@ -245,7 +245,7 @@ class Trainer:
             "optimizer": self.optimizer,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
-            "train_metrics": tf.train.Checkpoint(**self.train_metrics),
+            "train_metrics": compat.metrics_checkpoint(self.train_metrics),
         }
         rng = compat.rng_variables(self.model)
         if rng:  # Keras 3's dropout state, which the model's own checkpoint keys miss.

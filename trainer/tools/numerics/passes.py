@@ -15,6 +15,7 @@ from typing import List
 
 import numpy as np
 
+from trainer import compat
 from trainer.compat import keras, tf
 from trainer.core import precision
 
@@ -60,7 +61,7 @@ def _hooks(model: keras.Model, top: list, sinks: List[list]):
         return make
 
     try:
-        for layer in model.submodules:
+        for layer in compat.sublayers(model):
             if isinstance(layer, _NOISE_LAYERS):
                 patched.append(_set_call(layer, without_noise))
         for layer, sink in zip(top, sinks):
