@@ -80,7 +80,7 @@ run: setup
 KERAS2_TESTS := tests/test_steps.py tests/test_loss_scale.py tests/test_precision.py \
 	tests/test_checkpoint.py tests/test_accumulation.py tests/test_fit_loop.py \
 	tests/test_distribution.py tests/test_eval_padding.py tests/test_export.py \
-	tests/test_compare.py tests/test_numerics.py tests/test_examples.py
+	tests/test_compare.py tests/test_numerics.py tests/test_benchmarks.py
 
 CPU_KIND_TESTS := tests/test_devices.py tests/test_tfds.py tests/test_profiling.py tests/test_cli.py
 

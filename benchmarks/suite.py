@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from trainer import compat
 from trainer.compat import tf
 from trainer.config import TrainConfig
 from trainer.core.steps import Trainer
@@ -82,20 +83,25 @@ _ONEDNN_AMP = {"auto_mixed_precision_onednn_bfloat16": True}
 def whole_step_update(trainer: Trainer) -> None:
     """Experiment: the whole optimizer update of a step as one XLA computation.
 
-    Keras compiles each variable's update separately (``optimizers.fuse_updates``); here one
+    Keras compiles each variable's update separately (``optimizers.prepare``); here one
     ``tf.function(jit_compile=True)`` holds every variable's update, the step counter and the
     schedule. Default strategy only (a distributed update calls ``merge_call``). Call before
     the first step; ``tests/test_benchmarks.py`` checks the weights equal the default's.
     """
     inner = trainer.loss_scaler.inner_optimizer
-    inner.jit_compile = False  # No per-variable computations inside the whole one.
+    compat.set_fused(inner, False)  # No per-variable computations inside the whole one.
+
+    variables = []  # The step's variables, captured (a Keras 3 variable is no tf.function argument).
 
     @tf.function(jit_compile=True)
-    def apply(gradients, variables):
-        inner.apply_gradients(zip(gradients, variables), skip_gradients_aggregation=True)
+    def apply(gradients):
+        compat.apply_gradients(inner, gradients, variables)
 
-    trainer.loss_scaler._apply = lambda gradients, variables: apply(list(gradients),
-                                                                    list(variables.value))
+    def apply_step(gradients, unwrapped):
+        variables[:] = unwrapped.value
+        apply(list(gradients))
+
+    trainer.loss_scaler._apply = apply_step
 
 
 class OursRunner:
@@ -128,7 +134,7 @@ class OursRunner:
             bench = dataclasses.replace(bench, model_args={**bench.model_args, "fused_ops": True})
         self.trainer = cls(train_config(bench, policy, jit_compile=variant == "ours+jit"))
         if variant == "ours+unfused_update":  # Before the first call traces the step.
-            self.trainer.loss_scaler.inner_optimizer.jit_compile = False
+            compat.set_fused(self.trainer.loss_scaler.inner_optimizer, False)
         if variant == WHOLE_STEP_UPDATE:
             whole_step_update(self.trainer)
         self.model = self.trainer.model

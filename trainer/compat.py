@@ -212,10 +212,8 @@ class LossScaleState:
     growth_steps: int
 
 
-# Checkpoint key prefixes of that state (Keras 2 nests it under "loss_scale"; Keras 3 keeps
-# two variables on the wrapper itself).
-LOSS_SCALE_KEYS = ("optimizer/loss_scale/",) if KERAS_MAJOR == 2 else (
-    "optimizer/dynamic_scale/", "optimizer/step_counter/")
+# Checkpoint key prefixes of that state in the Trainer's checkpoints (optimizer_items).
+LOSS_SCALE_KEYS = ("optimizer/loss_scale/",) if KERAS_MAJOR == 2 else ("loss_scale/",)
 
 INITIAL_SCALE = 2.0 ** 15  # Both Kerases start a dynamic scale here.
 
@@ -242,6 +240,23 @@ def loss_scale_state(wrapper) -> LossScaleState:
                           int(wrapper.dynamic_growth_steps))
 
 
+def optimizer_items(optimizer, inner) -> dict:
+    """The checkpoint items of an optimizer, whether or not it is wrapped for loss scaling.
+
+    The keys of the inner optimizer's state must not depend on the wrapper, so that a run may
+    change its policy or loss-scale mode and resume. Keras 2's wrapper delegates its
+    dependencies to the inner optimizer (the same keys, plus ``optimizer/loss_scale/``);
+    Keras 3's nests the inner one under ``inner_optimizer/``, so there the inner optimizer is
+    saved itself and the scale's state beside it, as ``loss_scale/``.
+    """
+    if KERAS_MAJOR == 2 or optimizer is inner:
+        return {"optimizer": optimizer}
+    state = loss_scale_state(optimizer)
+    return {"optimizer": inner,
+            "loss_scale": tf.train.Checkpoint(dynamic_scale=state.scale,
+                                              step_counter=state.counter)}
+
+
 # ---------------------------------------------------------------- optimizers
 
 
@@ -265,21 +280,40 @@ def prepare_optimizer(optimizer, *, fuse: bool) -> None:
         raise RuntimeError(f"Keras {keras.__version__} changed its TensorFlow optimizer: "
                            "trainer/compat.py must learn how to skip its gradient all-reduce")
     optimizer._all_reduce_sum_gradients = lambda grads_and_vars: grads_and_vars
-    if fuse:
-        original = optimizer.update_step
-        # One trace per variable, as Keras 2's `_update_step_xla` keys them: the slots are
-        # looked up when tracing, so two variables of one shape must not share a trace.
-        @tf.function(jit_compile=True)
-        def fused_update_step(gradient, variable, learning_rate, key):
-            del key  # Only keys the trace.
-            return original(gradient, variable, learning_rate)
+    optimizer._trainer_plain_update_step = optimizer.update_step
+    set_fused(optimizer, fuse)
 
-        def update_step(gradient, variable, learning_rate):
-            # The learning rate may be a Keras variable, which tf.function cannot trace.
-            return fused_update_step(gradient, variable, tf.convert_to_tensor(learning_rate),
-                            optimizer._var_key(variable))  # pylint: disable=protected-access
 
-        optimizer.update_step = update_step
+def set_fused(optimizer, fused: bool) -> None:
+    """Turns the XLA-compiled per-variable update on or off (before the step is traced)."""
+    if KERAS_MAJOR == 2:
+        optimizer.jit_compile = fused
+        return
+    original = optimizer._trainer_plain_update_step
+    if not fused:
+        optimizer.update_step = original
+        return
+
+    # One trace per variable, as Keras 2's `_update_step_xla` keys them: the slots are
+    # looked up when tracing, so two variables of one shape must not share a trace.
+    @tf.function(jit_compile=True)
+    def fused_update_step(gradient, variable, learning_rate, key):
+        del key  # Only keys the trace.
+        return original(gradient, variable, learning_rate)
+
+    def update_step(gradient, variable, learning_rate):
+        # The learning rate may be a Keras variable, which tf.function cannot trace.
+        return fused_update_step(gradient, variable, tf.convert_to_tensor(learning_rate),
+                                 optimizer._var_key(variable))  # pylint: disable=protected-access
+
+    optimizer.update_step = update_step
+
+
+def is_fused(optimizer) -> bool:
+    """Whether :func:`set_fused` (or :func:`prepare_optimizer`) turned the fused update on."""
+    if KERAS_MAJOR == 2:
+        return bool(getattr(optimizer, "jit_compile", False))
+    return optimizer.update_step is not getattr(optimizer, "_trainer_plain_update_step", None)
 
 
 def apply_gradients(optimizer, gradients, variables) -> None:
@@ -330,6 +364,6 @@ def rng_variables(model) -> List[tf.Variable]:
 
 __all__ = ["tf", "keras", "mixed_precision", "TF_VERSION", "KERAS_MAJOR", "KERAS_NAME",
            "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable", "weights", "producing_layer", "sublayers",
-           "LossScaleState", "LOSS_SCALE_KEYS", "loss_scale_optimizer", "loss_scale_state",
-           "prepare_optimizer", "apply_gradients", "seed_layers", "rng_variables",
+           "LossScaleState", "LOSS_SCALE_KEYS", "optimizer_items", "loss_scale_optimizer", "loss_scale_state",
+           "prepare_optimizer", "set_fused", "is_fused", "apply_gradients", "seed_layers", "rng_variables",
            "metrics_checkpoint"]

@@ -239,10 +239,10 @@ class Trainer:
         """
         items = {
             "model": self.model,
-            # The LossScaleOptimizer delegates its checkpoint dependencies to the inner
-            # optimizer, so the keys are the same with and without it, plus the loss-scale
-            # state ("optimizer/loss_scale/...") when the scale is dynamic.
-            "optimizer": self.optimizer,
+            # The optimizer with its slots and step counter, and a dynamic loss scale's state
+            # (current scale, good-step counter), under keys that do not depend on whether
+            # the optimizer is wrapped (compat.optimizer_items).
+            **compat.optimizer_items(self.optimizer, self.loss_scaler.inner_optimizer),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
             "train_metrics": compat.metrics_checkpoint(self.train_metrics),
