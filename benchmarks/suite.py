@@ -91,7 +91,8 @@ def whole_step_update(trainer: Trainer) -> None:
     inner = trainer.loss_scaler.inner_optimizer
     compat.set_fused(inner, False)  # No per-variable computations inside the whole one.
 
-    variables = []  # The step's variables, captured (a Keras 3 variable is no tf.function argument).
+    # The step's variables, captured: a Keras 3 variable cannot be a tf.function argument.
+    variables = []
 
     @tf.function(jit_compile=True)
     def apply(gradients):

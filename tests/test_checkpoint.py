@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import small_config
-from trainer import job
+from trainer import compat, job
 from trainer.compat import tf
 from trainer.core.steps import Trainer
 from trainer.errors import UserError
@@ -337,3 +337,31 @@ def test_workers_that_restore_different_steps_stop_with_one_error(tmp_path):
         assert not any("Traceback" in line for line in lines)
     assert "resuming from" not in job.stdout  # Stopped before a step, a print or a save.
     assert _folder_hashes(tmp_path / "w0" / "run") == chief_files
+
+
+def test_dropout_rng_state_resumes_bit_identically(tmp_path):
+    # The cnn has dropout, whose RNG state tf.train.Checkpoint(model=...) does not reach under
+    # either Keras (Keras 3: SeedGenerator variables; Keras 2: a tf.random.Generator made at
+    # the first draw): the Trainer saves it as `model_rng`. 3 + (restore) + 3 steps must
+    # equal 6 straight steps, and the restored state must be the saved one.
+    config = small_config(model="cnn", model_args={"width": 4, "depth": 1}, deterministic=True,
+                          optimizer="sgd", learning_rate=0.05)
+    straight = Trainer(config)
+    straight.train_steps(6)
+
+    first = Trainer(config)
+    first_ckpt = checkpoint.Checkpointer(first, model_dir=str(tmp_path), keep=5)
+    first.train_steps(3)
+    rng_at_save = [v.numpy().copy() for v in compat.rng_variables(first.model)]
+    first_ckpt.save()
+    first.train_steps(3)  # Moves the RNG state on, as the run went on before it was killed.
+
+    resumed = Trainer(config)
+    resumed_ckpt = checkpoint.Checkpointer(resumed, model_dir=str(tmp_path), keep=5)
+    assert resumed_ckpt.restore_or_initialize() is not None
+    for restored, saved in zip(compat.rng_variables(resumed.model), rng_at_save):
+        np.testing.assert_array_equal(restored.numpy(), saved)
+    resumed.train_steps(3)
+    assert int(resumed.global_step.numpy()) == 6
+    assert resumed.weights_checksum() == straight.weights_checksum() == first.weights_checksum()
+    assert rng_at_save  # The dropout state really is extra state to save.

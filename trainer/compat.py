@@ -348,22 +348,30 @@ def metrics_checkpoint(metrics: dict) -> tf.train.Checkpoint:
 
 
 def rng_variables(model) -> List[tf.Variable]:
-    """Variables of ``model``'s layer RNGs that ``tf.train.Checkpoint(model=...)`` misses.
+    """Variables of ``model``'s layer RNGs (dropout) that ``tf.train.Checkpoint(model=...)``
+    misses, so a resumed run draws the masks the uninterrupted one would have.
 
-    Keras 3 keeps them on ``SeedGenerator`` objects, which are not trackable; Keras 2's
-    generators are tracked with their layers ([] there).
+    Keras 3 keeps them on ``SeedGenerator`` objects, which are not trackable. Keras 2 (after
+    ``seed_layers``) makes a ``tf.random.Generator`` per layer, lazily at the first draw and
+    out of the checkpoint's reach; here it is made now, so call this once, in the strategy's
+    scope, before the first step.
     """
-    if KERAS_MAJOR == 2:
-        return []
     found = []
     for layer in [model, *sublayers(model)]:
-        for generator in getattr(layer, "_seed_generators", []):
-            found.append(generator.state.value)
+        if KERAS_MAJOR == 3:
+            found += [generator.state.value
+                      for generator in getattr(layer, "_seed_generators", [])]
+            continue
+        generator = getattr(layer, "_random_generator", None)
+        if getattr(generator, "_rng_type", None) == "stateful":
+            generator._maybe_init()  # pylint: disable=protected-access
+            found.append(generator._generator.state)  # pylint: disable=protected-access
     return found
 
 
 __all__ = ["tf", "keras", "mixed_precision", "TF_VERSION", "KERAS_MAJOR", "KERAS_NAME",
-           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable", "weights", "producing_layer", "sublayers",
-           "LossScaleState", "LOSS_SCALE_KEYS", "optimizer_items", "loss_scale_optimizer", "loss_scale_state",
-           "prepare_optimizer", "set_fused", "is_fused", "apply_gradients", "seed_layers", "rng_variables",
+           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable",
+           "weights", "producing_layer", "sublayers", "LossScaleState", "LOSS_SCALE_KEYS",
+           "optimizer_items", "loss_scale_optimizer", "loss_scale_state", "prepare_optimizer",
+           "set_fused", "is_fused", "apply_gradients", "seed_layers", "rng_variables",
            "metrics_checkpoint"]

@@ -180,7 +180,7 @@ class TrainConfig:
     epochs: int = _setting(8, "Passes over the training split.")
     batch_size: int = _setting(128, "Global batch size (split across replicas).")
     learning_rate: float = _setting(1e-3, "Learning rate (the peak, under a schedule).")
-    optimizer: str = _setting("adam", "Optimizer (Keras 2; momentum: SGD with 0.9, adamw: "
+    optimizer: str = _setting("adam", "Optimizer (the run's Keras; momentum: SGD with 0.9, adamw: "
                               "weight decay 1e-4).", choices=OPTIMIZERS)
     loss_scale: Union[str, float] = _setting(
         "auto", "dynamic | none | a number from 1 to 2**126 (a fixed scale) | auto (dynamic "

@@ -4,12 +4,18 @@ The idea is PyTorch's ``GradScaler(enabled=...)``: the Trainer always calls ``sc
 ``unscale_gradients`` and ``apply_gradients``; when scaling is off the first two pass values
 through and the optimizer is not wrapped.
 
+Both Kerases are served by this one path (their differences are ``trainer/compat.py``'s).
+Scaling and unscaling are explicit under both: Keras 3's ``LossScaleOptimizer`` has no
+``get_unscaled_gradients`` and divides by the scale inside its own ``apply``, so calling it
+after unscaling would divide twice (docs/keras.md).
+
 ``apply_gradients`` owns the one finiteness check of a step, under every mode: a step whose
-gradients hold an Inf or NaN is never applied (it still counts in ``iterations``, as in Keras'
-``LossScaleOptimizer``). A dynamic scale is updated here too, in the ``LossScaleOptimizer``'s
-own state variables and by its rules (halve on overflow, never below 1; double after
-``growth_steps`` finite steps), so checkpoints stay compatible with Keras'. The wrapper's own
-``apply_gradients`` is never called: it would check the gradients a second time.
+gradients hold an Inf or NaN is never applied (it still counts in ``iterations``, as in Keras
+2's ``LossScaleOptimizer``). A dynamic scale is updated here too, in the run's Keras
+``LossScaleOptimizer``'s own state variables and by Keras 2's rules (halve on overflow, never
+below 1; double after ``growth_steps`` finite steps), so a plain Keras wrapper reads the state
+back. The wrapper's own ``apply``/``apply_gradients`` is never called: it would check the
+gradients a second time (and, under Keras 3, unscale them again).
 """
 
 from __future__ import annotations
