@@ -365,3 +365,25 @@ def test_dropout_rng_state_resumes_bit_identically(tmp_path):
     assert int(resumed.global_step.numpy()) == 6
     assert resumed.weights_checksum() == straight.weights_checksum() == first.weights_checksum()
     assert rng_at_save  # The dropout state really is extra state to save.
+
+
+def test_a_checkpoint_without_dropout_rng_state_resumes_with_a_note(tmp_path, monkeypatch):
+    # Checkpoints of earlier versions hold no `model_rng`: they still resume (under Keras 2,
+    # which wrote them), saying that dropout masks restart from the seed. (deterministic: Keras
+    # 2 keeps dropout state in variables only then.)
+    config = small_config(model="cnn", model_args={"width": 4, "depth": 1}, deterministic=True)
+    old = Trainer(config)
+    items = old.checkpoint_items()
+    assert "model_rng" in items
+    monkeypatch.setattr(old, "checkpoint_items",
+                        lambda: {k: v for k, v in items.items() if k != "model_rng"})
+    old.train_steps(2)
+    path = checkpoint.Checkpointer(old, model_dir=str(tmp_path)).save()
+    assert not any(n.startswith("model_rng") for n, _ in tf.train.list_variables(path))
+
+    new = Trainer(config)
+    ckpt = checkpoint.Checkpointer(new, model_dir=str(tmp_path))
+    assert ckpt.restore_or_initialize() == path
+    assert int(new.global_step.numpy()) == 2
+    assert new.weights_checksum() == old.weights_checksum()
+    assert any("no dropout RNG state" in note for note in ckpt.notes), ckpt.notes

@@ -111,7 +111,7 @@ class Trainer:
             self.skipped_steps = tf.Variable(name="skipped_steps", **counter)
             # Layer RNG state (dropout) the model's own checkpoint keys miss; made here, in
             # the strategy's scope, where Keras 2 would make it lazily at the first draw.
-            self._rng_variables = compat.rng_variables(self.model)
+            self.rng_variables = compat.rng_variables(self.model)
             self.consecutive_skips = tf.Variable(name="consecutive_skips", **counter)
         self._distributed: Dict[int, object] = {}
         self._train_iterator = None
@@ -250,9 +250,9 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "train_metrics": compat.metrics_checkpoint(self.train_metrics),
         }
-        if self._rng_variables:  # Dropout state the model's own checkpoint keys miss.
+        if self.rng_variables:  # Dropout state the model's own checkpoint keys miss.
             items["model_rng"] = tf.train.Checkpoint(
-                **{f"generator_{i}": v for i, v in enumerate(self._rng_variables)})
+                **{f"generator_{i}": v for i, v in enumerate(self.rng_variables)})
         # With `train_from` the input position follows from the global step (see
         # train_iterator). Otherwise the iterator itself is saved where it can be: a
         # tf.distribute iterator (any strategy but the default) is not trackable, so there a

@@ -192,10 +192,17 @@ class Checkpointer:
                 self._warn_damaged(path, error)
                 continue
             scale_state = self._loss_scale_variables()
+            # Dropout RNG state: checkpoints of earlier versions do not hold it.
+            rng_state = [self.items.get("model_rng"), *self.trainer.rng_variables]
+            unmatched_rng = [o for o in unmatched if any(o is v for v in rng_state)]
+            unmatched = [o for o in unmatched if not any(o is v for v in rng_state)]
             if any(not any(obj is v for v in scale_state) for obj in unmatched):
                 raise self._mismatch(path, AssertionError(
                     f"{len(unmatched)} of this program's values are not in it, e.g. "
                     f"{getattr(unmatched[0], 'name', type(unmatched[0]).__name__)}"))
+            if unmatched_rng:
+                self.notes.append(f"{os.path.basename(path)} holds no dropout RNG state (written "
+                                  "by an earlier version); dropout masks restart from the seed")
             if unmatched:
                 self.notes.append(f"{os.path.basename(path)} holds no loss-scale state (written "
                                   "without a dynamic loss scale); starting a fresh dynamic scale")
