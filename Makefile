@@ -76,11 +76,12 @@ run: setup
 # trainer/runtime/devices.py reads): both paths are tested on any machine.
 # The main lane runs under Keras 3 (TensorFlow 2.21's default); this core subset runs again
 # under Keras 2 (tf_keras), as TensorFlow gives it to a process started with
-# TF_USE_LEGACY_KERAS=1 (docs/keras.md). The TF 2.15 lane is Keras 2 as well.
+# TF_USE_LEGACY_KERAS=1 (docs/keras.md): the step, loss scaling, policies, accumulation and
+# the tools, whose Keras-specific parts sit in trainer/compat.py. The multi-process tests
+# (checkpoints, distribution, the loop) run under Keras 2 in the TF 2.15 lane below.
 KERAS2_TESTS := tests/test_steps.py tests/test_loss_scale.py tests/test_precision.py \
-	tests/test_checkpoint.py tests/test_accumulation.py tests/test_fit_loop.py \
-	tests/test_distribution.py tests/test_eval_padding.py tests/test_export.py \
-	tests/test_compare.py tests/test_numerics.py tests/test_benchmarks.py
+	tests/test_accumulation.py tests/test_export.py tests/test_compare.py \
+	tests/test_numerics.py tests/test_benchmarks.py tests/test_optimizers.py
 
 CPU_KIND_TESTS := tests/test_devices.py tests/test_tfds.py tests/test_profiling.py tests/test_cli.py
 

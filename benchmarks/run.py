@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import flops, footprint, profile_ops  # noqa: E402
 from benchmarks.suite import (BENCHES, EXPERIMENT_MODELS, EXPERIMENTS, INPUT_BASELINE,  # noqa: E402
                               LEVERS, POLICIES, Bench, OursRunner, train_config)
-from trainer import registry  # noqa: E402
+from trainer import compat, registry  # noqa: E402
 from trainer.compat import keras, mixed_precision, tf  # noqa: E402
 from trainer.core import optimizers, precision  # noqa: E402
 from trainer.outputs import files  # noqa: E402
@@ -49,9 +49,11 @@ class FitRunner:
     """Keras ``Model.fit`` on the same model, policy, optimizer, loss scaling and pipeline.
 
     ``fused_update=False`` is what a Keras user gets (Keras 2 leaves the optimizer's
-    ``jit_compile`` off without a GPU); ``True`` sets it on the inner optimizer before
-    ``compile``, like for like with our default. Only the epoch itself is timed (``fit``'s own
-    set-up before the epoch is excluded, which favours Keras slightly).
+    ``jit_compile`` off without a GPU, Keras 3 never compiles the update); ``True`` fuses it
+    as our Trainer does (``compat.prepare_optimizer``) before ``compile``, like for like with
+    our default. ``compile(jit_compile=False)`` under both (Keras 3 would default to XLA).
+    Only the epoch itself is timed (``fit``'s own set-up before the epoch is excluded, which
+    favours Keras slightly).
     """
 
     def __init__(self, bench: Bench, policy: str, data: tf.data.Dataset, *,
@@ -65,11 +67,12 @@ class FitRunner:
                                               num_classes=10, model_args=bench.model_args)
         optimizer = optimizers.build(config.optimizer, config.learning_rate)
         if fused_update:
-            optimizer.jit_compile = True
+            compat.prepare_optimizer(optimizer, fuse=True)
         if config.resolved_loss_scale == "dynamic":  # What our Trainer does for mixed policies.
             optimizer = mixed_precision.LossScaleOptimizer(optimizer)
         self.model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
-                           metrics=["accuracy"], steps_per_execution=bench.steps_per_loop)
+                           metrics=["accuracy"], steps_per_execution=bench.steps_per_loop,
+                           jit_compile=False)  # Keras 3's default, "auto", would use XLA.
 
     def seconds_per_step(self, loops: int) -> float:
         timer = _EpochTimer()

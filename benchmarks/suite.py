@@ -29,6 +29,8 @@ LEVERS = (INPUT_BASELINE, WHOLE_STEP_UPDATE)
 EXPERIMENTS = {"ours+unfused_update": POLICIES, "ours+jit": POLICIES,
                "ours+cast_once": ("mixed_bfloat16",), "ours+onednn_amp": ("mixed_bfloat16",),
                "ours+fused_ops": POLICIES}
+if compat.KERAS_MAJOR == 3:  # cast_once patches Keras 2's AutoCastVariable.
+    del EXPERIMENTS["ours+cast_once"]
 # Experiments that only exist for some models.
 EXPERIMENT_MODELS = {"ours+fused_ops": ("transformer",)}
 
