@@ -96,7 +96,8 @@ class ReferenceScale:
         if not finite:
             self.scale, self.good = max(self.scale / 2, 1.0), 0
         elif self.good + 1 >= self.growth:
-            doubled = np.float32(self.scale) * np.float32(2)
+            with np.errstate(over="ignore"):  # Overflow to inf is the case under test.
+                doubled = np.float32(self.scale) * np.float32(2)
             self.scale, self.good = (float(doubled) if np.isfinite(doubled) else self.scale), 0
         else:
             self.good += 1
