@@ -23,6 +23,7 @@ Results go in BENCHMARKS.md ("Keras 3 vs Keras 2").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,39 +40,19 @@ BENCH_NAMES = ("mlp (seed, units 256)", "cnn")
 def _child(seconds: float) -> dict:
     """Times every runner of this process' Keras; returns {runner: best s/step}."""
     sys.path.insert(0, ROOT)
-    from benchmarks.suite import BENCHES, POLICIES, OursRunner, train_config
-    from trainer import compat, registry
-    from trainer.compat import keras
-    from trainer.core import optimizers, precision
+    from benchmarks.run import FitRunner
+    from benchmarks.suite import BENCHES, POLICIES, OursRunner
+    from trainer import compat
 
-    class FitRunner:
+    class Fit:
+        """benchmarks/run.py's FitRunner with ``steps_per_execution`` = ``spe``."""
+
         def __init__(self, bench, policy, data, spe):
-            self.bench, self.spe, self.data = bench, spe, data
-            config = train_config(bench, policy)
-            keras.utils.set_random_seed(config.seed)
-            with precision.policy_scope(policy):
-                self.model = registry.build_model(bench.model, input_shape=(28, 28, 1),
-                                                  num_classes=10, model_args=bench.model_args)
-            optimizer = optimizers.build(config.optimizer, config.learning_rate)
-            if config.resolved_loss_scale == "dynamic":
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            self.model.compile(optimizer=optimizer,
-                               loss=keras.losses.SparseCategoricalCrossentropy(),
-                               metrics=["accuracy"], steps_per_execution=spe, jit_compile=False)
+            self.spe = spe
+            self.runner = FitRunner(dataclasses.replace(bench, steps_per_loop=spe), policy, data)
 
         def seconds_per_step(self, steps):
-            steps = max(self.spe, steps // self.spe * self.spe)
-            timer = _Timer()
-            self.model.fit(self.data, epochs=1, steps_per_epoch=steps, verbose=0,
-                           callbacks=[timer])
-            return timer.seconds / steps
-
-    class _Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds = time.perf_counter() - self.start
+            return self.runner.seconds_per_step(max(1, steps // self.spe))
 
     class Ours:
         def __init__(self, bench, policy, variant="ours"):
@@ -92,8 +73,8 @@ def _child(seconds: float) -> dict:
             if compat.KERAS_MAJOR == 3:
                 data = ours.runner.trainer.datasets.train_from(0)
                 for spe in SPE[bench.model]:
-                    runners[f"{bench.name}|{policy}|fit spe={spe}"] = FitRunner(
-                        bench, policy, data, spe)
+                    runners[f"{bench.name}|{policy}|fit spe={spe}"] = Fit(bench, policy, data,
+                                                                          spe)
     steps = {}
     for name, runner in runners.items():
         start = time.perf_counter()
