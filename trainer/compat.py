@@ -77,12 +77,19 @@ def _check_backend(backend: str, error: Optional[Exception] = None) -> None:
 keras, KERAS_MAJOR, KERAS_NAME = _pick_keras()
 mixed_precision = keras.mixed_precision
 
-# How to run under the other Keras, for messages.
-_SWITCH = {
-    2: "unset TF_USE_LEGACY_KERAS (TensorFlow >= 2.16) to train with Keras 3"
-       if TF_VERSION >= (2, 16) else "use TensorFlow >= 2.16 for Keras 3",
-    3: "set TF_USE_LEGACY_KERAS=1 before starting to train with Keras 2 (tf_keras)",
-}
+def switch_to(major: int) -> str:
+    """How to start a process that runs Keras ``major`` (for messages)."""
+    if major == 2:
+        return "set TF_USE_LEGACY_KERAS=1 before starting"
+    return ("unset TF_USE_LEGACY_KERAS (TensorFlow >= 2.16)" if TF_VERSION >= (2, 16)
+            else "use TensorFlow >= 2.16")
+
+
+_OTHER = 3 if KERAS_MAJOR == 2 else 2
+# The fix for an object (or a failure) of the other Keras, for messages.
+_BUILD_WITH = "`import keras` or tf.keras" if KERAS_MAJOR == 3 else "tf_keras or tf.keras"
+_FIX = (f"build it with {_BUILD_WITH}, or {switch_to(_OTHER)} to train with Keras {_OTHER}"
+        f"{' (tf_keras)' if _OTHER == 2 else ''}")
 # Where each Keras' classes live: the top package of their modules.
 _ROOTS = {"tf_keras": 2, "keras": 2 if TF_VERSION < (2, 16) else 3}
 
@@ -116,9 +123,7 @@ def check_same_keras(obj, what: str) -> None:
     built_with = "tf_keras" if major == 2 else "`import keras`"
     raise UserError(
         f"{what} is a Keras {major} {type(obj).__name__} (built with {built_with}), but this "
-        f"run uses {KERAS_NAME}, as TensorFlow chose: build it with "
-        f"{'`import keras` or tf.keras' if KERAS_MAJOR == 3 else 'tf_keras or tf.keras'}, "
-        f"or {_SWITCH[KERAS_MAJOR]}")
+        f"run uses {KERAS_NAME}, as TensorFlow chose: {_FIX}")
 
 
 def check_parts(model, what: str) -> None:
@@ -164,9 +169,7 @@ def mixed_keras_error(error: BaseException, what: str) -> Optional[UserError]:
     return UserError(
         f"{what} failed inside Keras {other} ({type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else ''}): it mixes Keras {other} objects "
-        f"into a run of {KERAS_NAME}; build everything with "
-        f"{'`import keras` or tf.keras' if KERAS_MAJOR == 3 else 'tf_keras or tf.keras'}, "
-        f"or {_SWITCH[KERAS_MAJOR]}")
+        f"into a run of {KERAS_NAME}; {_FIX}")
 
 
 def tf_variable(variable) -> tf.Variable:
@@ -370,7 +373,8 @@ def rng_variables(model) -> List[tf.Variable]:
 
 
 __all__ = ["tf", "keras", "mixed_precision", "TF_VERSION", "KERAS_MAJOR", "KERAS_NAME",
-           "keras_of", "check_same_keras", "check_parts", "mixed_keras_error", "tf_variable",
+           "switch_to", "keras_of", "check_same_keras", "check_parts", "mixed_keras_error",
+           "tf_variable",
            "weights", "producing_layer", "sublayers", "LossScaleState", "LOSS_SCALE_KEYS",
            "optimizer_items", "loss_scale_optimizer", "loss_scale_state", "prepare_optimizer",
            "set_fused", "is_fused", "apply_gradients", "seed_layers", "rng_variables",

@@ -93,11 +93,10 @@ def check_compatible(model_dir: str, signature: dict, *, allow_policy_change: bo
     # Runs of earlier versions recorded no Keras: they all trained under Keras 2.
     written_under = saved.get("keras", 2)
     if written_under != signature["keras"]:
-        switch = ("set TF_USE_LEGACY_KERAS=1 before starting" if written_under == 2 else
-                  "unset TF_USE_LEGACY_KERAS (on TensorFlow >= 2.16)")
         raise UserError(
             f"{model_dir} holds checkpoints written under Keras {written_under}, but this run "
-            f"uses {compat.KERAS_NAME} (their variables are laid out differently): {switch} to "
+            f"uses {compat.KERAS_NAME} (their variables are laid out differently): "
+            f"{compat.switch_to(written_under)} to "
             f"resume it, or use a new --model_dir. Nothing was changed.")
     keys = _MUST_MATCH if allow_policy_change else _MUST_MATCH + ("policy",)
     for key in keys:
