@@ -173,10 +173,24 @@ class TrainConfig:
         default_factory=dict, help="The model's keyword arguments, e.g. 'units=64' or "
         "'width=16,depth=3' (ints, floats, true/false, text).")
     dataset: str = _setting("fashion_mnist", "A dataset of trainer/data/__init__.py (fashion_mnist "
-                            "works offline), or tfds:NAME[/CONFIG] for a TensorFlow Datasets "
-                            "set already prepared in --data_dir (never downloaded).")
+                            "works offline), tfds:NAME[/CONFIG] for a TensorFlow Datasets "
+                            "set already prepared in --data_dir (never downloaded), or "
+                            "tfrecord:GLOB for image TFRecord shards (streamed; ImageNet "
+                            "layout, see python -m trainer.data.write_shards).")
     data_dir: Optional[str] = _setting(
         None, "Folder with the dataset files (IDX .gz, or mnist.npz; tfds: its data_dir).")
+    eval_data: str = _setting(
+        "", "tfrecord: the evaluation files' glob (default: the training glob with 'train' "
+        "replaced by 'validation', else 'test').")
+    image_size: int = _setting(
+        0, "tfrecord: train on N x N images (resized, cropped; 0: the stored size, if square).")
+    num_classes: int = _setting(
+        0, "tfrecord: the class count (0: from labels.txt beside the files, else the labels).")
+    label_offset: int = _setting(
+        0, "tfrecord: subtracted from each stored label (1 for TF-models' ImageNet shards).")
+    augment: bool = _setting(True, "tfrecord: random crop and flip of training images.")
+    parallel_calls: int = _setting(
+        0, "tfrecord: images decoded in parallel (0: tf.data's AUTOTUNE).")
     epochs: int = _setting(8, "Passes over the training split.")
     batch_size: int = _setting(128, "Global batch size (split across replicas).")
     learning_rate: float = _setting(1e-3, "Learning rate (the peak, under a schedule).")
@@ -255,9 +269,17 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("device", self.device, DEVICES)
-        if not (isinstance(self.dataset, str) and self.dataset.startswith("tfds:")
-                and len(self.dataset) > len("tfds:")):
+        streamed = isinstance(self.dataset, str) and self.dataset.startswith("tfrecord:")
+        if not (isinstance(self.dataset, str) and self.dataset.startswith(("tfds:", "tfrecord:"))
+                and len(self.dataset.split(":", 1)[1]) > 0):
             _check_choice("dataset", self.dataset, dataset_names())
+        for name in ("image_size", "num_classes", "label_offset", "parallel_calls"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name, off in (("eval_data", ""), ("image_size", 0), ("num_classes", 0),
+                          ("label_offset", 0), ("augment", True), ("parallel_calls", 0)):
+            if not streamed and getattr(self, name) != off:
+                raise ConfigError(f"{name} applies to --dataset=tfrecord:GLOB only, not to "
+                                  f"--dataset={self.dataset} (--{name})")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_int("epochs", self.epochs, minimum=0)
         _check_int("batch_size", self.batch_size, minimum=1)

@@ -8,6 +8,7 @@ caching, the distribution strategy and loss scaling, so a subclass cannot get th
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 from trainer import compat, data, registry
@@ -16,7 +17,8 @@ from trainer.config import TrainConfig
 from trainer.core import contracts, optimizers, precision, weighted_metrics
 from trainer.core.loss_scale import LossScaler
 from trainer.data import in_graph
-from trainer.runtime import lockstep
+from trainer.errors import UserError
+from trainer.runtime import distribution, lockstep
 
 _NO_LIMIT = 2 ** 63 - 1  # max_consecutive_skips=0: the loop never stops for skips.
 
@@ -84,6 +86,8 @@ class Trainer:
         # comparable. Seed before the datasets: tf.data's shuffle seed combines with the global
         # seed, so seeding later made the order depend on whatever ran before in the process.
         keras.utils.set_random_seed(config.seed)
+        # Which worker this is: sharded input (record files) reads only its own share.
+        self.input_context = distribution.input_context(self.strategy)
         self.datasets = self.build_datasets()
         contracts.check_train_from(self.datasets, type(self).__name__)
         if config.deterministic:
@@ -115,6 +119,10 @@ class Trainer:
             self.consecutive_skips = tf.Variable(name="consecutive_skips", **counter)
         self._distributed: Dict[int, object] = {}
         self._train_iterator = None
+        # Seconds the step loop waited for its next batch (this worker's own; see
+        # _train_loop_fn): the share of step time spent waiting for input.
+        self.input_wait_s = tf.Variable(tf.constant(0.0, tf.float64), trainable=False,
+                                        name="input_wait_s")
         self.in_graph_input = in_graph.InGraphInput.maybe(self.datasets, self.strategy,
                                                             config.batch_size)
         self._train_loop = tf.function(self._train_loop_fn)
@@ -158,6 +166,15 @@ class Trainer:
         where it can be). A ``train`` whose element spec differs from ``train_from(0)``'s is
         refused.
         """
+        config = self.config
+        if config.dataset.startswith("tfrecord:"):
+            return data.from_tfrecord(
+                config.dataset[len("tfrecord:"):], batch_size=config.batch_size,
+                eval_data=config.eval_data, image_size=config.image_size,
+                num_classes=config.num_classes, label_offset=config.label_offset,
+                augment=config.augment, validation_split=config.validation_split,
+                seed=config.seed, input_context=self.input_context,
+                parallel_calls=config.parallel_calls, deterministic=config.deterministic)
         arrays = data.load_arrays(self.config.dataset, data_dir=self.config.data_dir,
                                   seed=self.config.seed,
                                   synthetic_examples=self.config.synthetic_examples)
@@ -253,13 +270,9 @@ class Trainer:
         if self.rng_variables:  # Dropout state the model's own checkpoint keys miss.
             items["model_rng"] = tf.train.Checkpoint(
                 **{f"generator_{i}": v for i, v in enumerate(self.rng_variables)})
-        # With `train_from` the input position follows from the global step (see
-        # train_iterator). Otherwise the iterator itself is saved where it can be: a
-        # tf.distribute iterator (any strategy but the default) is not trackable, so there a
-        # resumed run restarts its data stream.
-        if self.datasets.train_from is None and isinstance(
-                self.train_iterator, tf.__internal__.tracking.Trackable):
-            items["train_iterator"] = self.train_iterator
+        # The input position is not here: with `train_from` it follows from the global step
+        # (see train_iterator); an iterator's own state is this worker's alone and is saved
+        # beside the checkpoint by each worker (input_state).
         return items
 
     @property
@@ -267,15 +280,47 @@ class Trainer:
         """The training input, created on first use at the global step's position.
 
         First use comes after any checkpoint restore, so a resumed run continues exactly where
-        the saved one was: ``global_step * batch_size`` examples into the stream.
+        the saved one was: ``global_step * batch_size`` examples into the stream (read from
+        ``train_from``, unless :meth:`restore_input` restored the iterator's own state).
         """
         if self._train_iterator is None:
             dataset = self.datasets.train
             if self.datasets.train_from is not None:
                 seen = int(self.global_step.numpy()) * self.config.batch_size
                 dataset = self.datasets.train_from(seen)
-            self._train_iterator = iter(self._distribute(dataset))
+            self._train_iterator = self._iterate(dataset)
         return self._train_iterator
+
+    @property
+    def saves_input_state(self) -> bool:
+        """Whether each checkpoint saves the training iterator's state (each worker its own).
+
+        False where the position follows from the global step (in-memory data), or the
+        iterator is a ``tf.distribute`` one, which is not trackable: then ``train_from``
+        replays the position (reading and skipping) or, without it, the stream restarts.
+        """
+        datasets = self.datasets
+        if self.in_graph_input is not None or not (
+                datasets.checkpoint_iterator or datasets.train_from is None):
+            return False
+        if datasets.sharded:
+            return self.strategy.num_replicas_in_sync == self.input_context.num_input_pipelines
+        # The default strategy gives the dataset itself back: a plain, trackable iterator.
+        return isinstance(self._distribute(datasets.train), tf.data.Dataset)
+
+    def input_state(self):
+        """The training iterator that :attr:`saves_input_state` saves, else None."""
+        return self.train_iterator if self.saves_input_state else None
+
+    def restore_input(self, path: Optional[str]) -> None:
+        """Continues the input from the iterator state saved at ``path`` (None: from the
+        global step, via ``train_from``, as when no state was saved)."""
+        self._train_iterator = None
+        if path is None:
+            return
+        iterator = self._iterate(self.datasets.train)
+        tf.train.Checkpoint(iterator=iterator).restore(path).assert_consumed()
+        self._train_iterator = iterator
 
     def weights_checksum(self) -> float:
         """A float64 sum of every model weight, to compare runs."""
@@ -303,8 +348,20 @@ class Trainer:
             else max_consecutive_skips
         # In-graph input needs no iterator: each step gathers its batch at the global step.
         iterator = None if self.in_graph_input is not None else self.train_iterator
-        self._train_loop(iterator, tf.constant(num_steps, tf.int32),
-                         tf.constant(limit or _NO_LIMIT, tf.int64))
+        with self._input_errors():
+            self._train_loop(iterator, tf.constant(num_steps, tf.int32),
+                             tf.constant(limit or _NO_LIMIT, tf.int64))
+
+    @contextlib.contextmanager
+    def _input_errors(self):
+        """A TensorFlow error that a bad record caused becomes one line naming the record."""
+        try:
+            yield
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+            line = self.datasets.explain(error) if self.datasets.explain else None
+            if line:
+                raise UserError(line) from None
+            raise
 
     def evaluate(self, dataset: tf.data.Dataset) -> Dict[str, float]:
         """Returns the mean loss and metrics over the examples of the finite ``dataset``.
@@ -323,8 +380,9 @@ class Trainer:
         # The pipelines of data.make_datasets are full already: their distributed form is
         # cached. Another dataset is padded anew on each call, and not cached, so that
         # evaluating a fresh dataset every epoch keeps nothing alive.
-        self._eval_loop(self._distribute(dataset) if full is dataset
-                        else self.strategy.experimental_distribute_dataset(full))
+        with self._input_errors():
+            self._eval_loop(self._distribute(dataset) if full is dataset
+                            else self.strategy.experimental_distribute_dataset(full))
         return lockstep.read_metrics(self.eval_metrics, name="eval metrics")
 
     def train_results(self, reset: bool = False) -> Dict[str, float]:
@@ -336,6 +394,23 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------ compiled internals
+
+    def _iterate(self, dataset):
+        """An iterator over the training ``dataset`` for this strategy.
+
+        A sharded stream is this worker's share already: with one replica per worker (CPU,
+        Gaudi) it feeds the step as a plain, trackable iterator; several local replicas
+        split it per replica. Any other stream is the global one, split by the strategy.
+        """
+        if not self.datasets.sharded:
+            return iter(self._distribute(dataset))
+        local_replicas = self.strategy.num_replicas_in_sync // \
+            self.input_context.num_input_pipelines
+        if local_replicas == 1:
+            return iter(dataset)
+        per_replica = self.config.batch_size // self.strategy.num_replicas_in_sync
+        return iter(self.strategy.distribute_datasets_from_function(
+            lambda _: dataset.unbatch().batch(per_replica, drop_remainder=True)))
 
     def _distribute(self, dataset):
         key = id(dataset)
@@ -367,8 +442,14 @@ class Trainer:
         # hit the limit, not at the end of its step loop.
         step = tf.constant(0, tf.int32)
         while step < num_steps and not self._storm(max_consecutive_skips):
-            batch = next(iterator) if iterator is not None else self.in_graph_input.batch(
-                self.global_step)
+            # The wait for the next batch, timed in the graph: the loop's stateful ops run in
+            # program order, so the clock reads bracket the fetch and nothing else.
+            asked = tf.timestamp()
+            with tf.control_dependencies([asked]):
+                batch = next(iterator) if iterator is not None else self.in_graph_input.batch(
+                    self.global_step)
+            with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+                self.input_wait_s.assign_add(tf.timestamp() - asked)
             skipped = self.strategy.run(self._replica_train_step, args=(batch,))
             # Gradients were all-reduced before the finiteness check, so every replica
             # agrees; the first local value stands for all.

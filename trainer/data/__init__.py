@@ -1,5 +1,6 @@
 """Datasets: Fashion-MNIST, MNIST, a synthetic stand-in, prepared TensorFlow Datasets
-(``tfds:NAME``) and your own arrays or pipelines, as `tf.data` pipelines.
+(``tfds:NAME``), image TFRecord shards (``tfrecord:GLOB``, streamed, never held whole) and
+your own arrays, record files or pipelines, as `tf.data` pipelines.
 
 The image contract: ``uint8`` images are scaled to float32 in [0, 1]; floating-point images
 are used as given (only cast to float32), so images a user normalised already are not
@@ -25,7 +26,9 @@ Where each part lives: this package's ``__init__`` holds the entry points (:func
 by dataset name, :func:`from_arrays`, :func:`from_datasets`, :func:`dataset_shapes`) and
 re-exports the rest; ``arrays`` the in-memory dataset and its checks, ``sources`` the built-in
 datasets' files, ``tfds_source`` TensorFlow Datasets, ``pipelines`` the ``tf.data`` pipelines,
-``in_graph`` the input gathered inside the compiled step loop.
+``in_graph`` the input gathered inside the compiled step loop; ``records`` the TFRecord
+format (index, checks), ``sharded`` the streamed pipelines of record files (:func:`from_files`,
+:func:`from_tfrecord`), ``writer`` the shard writer (``python -m trainer.data.write_shards``).
 """
 
 from __future__ import annotations
@@ -38,16 +41,19 @@ import numpy as np
 
 from trainer.compat import keras, tf
 from trainer.config import DATASET_SHAPES
-from trainer.data import sources, tfds_source
+from trainer.data import records, sharded, sources, tfds_source
 from trainer.data.arrays import Arrays, check_arrays, target_kind
 from trainer.data.pipelines import Datasets, InMemoryTrain, full_batches, make_datasets, to_float
+from trainer.data.sharded import from_files, from_tfrecord, image_parser
 from trainer.data.sources import IDX_FILES, read_idx
+from trainer.data.writer import write_arrays, write_image_folder
 from trainer.errors import UserError
 
 __all__ = [
     "Arrays", "DATASET_SHAPES", "Datasets", "IDX_FILES", "InMemoryTrain", "SYSTEM_FASHION_MNIST",
-    "check_arrays", "dataset_shapes", "from_arrays", "from_datasets", "full_batches",
-    "load_arrays", "make_datasets", "read_idx", "to_float",
+    "check_arrays", "dataset_shapes", "from_arrays", "from_datasets", "from_files",
+    "from_tfrecord", "full_batches", "image_parser", "load_arrays", "make_datasets", "read_idx",
+    "records", "to_float", "write_arrays", "write_image_folder",
 ]
 
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -90,8 +96,8 @@ def _load(name: str, *, data_dir: Optional[str], seed: int, synthetic_examples: 
         if os.path.exists(sources.keras_cache("mnist.npz")):
             return sources.load_npz(sources.keras_cache("mnist.npz"))
         return sources.download("MNIST", keras.datasets.mnist.load_data)
-    raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist, synthetic or "
-                    "tfds:NAME (--dataset)")
+    raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist, synthetic, "
+                    "tfds:NAME or tfrecord:GLOB (--dataset)")
 
 
 # ---------------------------------------------------------------------------- your own data
@@ -259,7 +265,8 @@ def _pipeline_from(train: tf.data.Dataset, build, batch: int):
     return train_from
 
 
-def dataset_shapes(name: str, data_dir: Optional[str] = None) -> Tuple[Tuple[int, ...], int]:
+def dataset_shapes(name: str, data_dir: Optional[str] = None, *, image_size: int = 0,
+                   num_classes: int = 0, label_offset: int = 0) -> Tuple[Tuple[int, ...], int]:
     """(input shape, classes) of a dataset without loading its data (for the audit).
 
     Raises:
@@ -268,7 +275,9 @@ def dataset_shapes(name: str, data_dir: Optional[str] = None) -> Tuple[Tuple[int
     """
     if name in DATASET_SHAPES:
         return DATASET_SHAPES[name]
+    if name.startswith("tfrecord:"):
+        return sharded.image_shape(name[len("tfrecord:"):], image_size, num_classes, label_offset)
     if not name.startswith("tfds:"):
-        raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist, synthetic or "
-                        "tfds:NAME (--dataset)")
+        raise UserError(f"unknown dataset {name!r}; choose fashion_mnist, mnist, synthetic, "
+                        "tfds:NAME or tfrecord:GLOB (--dataset)")
     return tfds_source.tfds_shapes(name, data_dir)

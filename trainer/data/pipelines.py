@@ -71,6 +71,15 @@ class Datasets:
       train_from: optional; ``train_from(n)`` is ``train`` with its first ``n`` examples
         skipped. With it a resumed run rebuilds its input position from the global step,
         under any strategy, and checkpoints hold no iterator state.
+      sharded: ``train`` is this worker's share of the stream (its own files, batches of
+        its share of the global batch), so the Trainer does not split it across workers.
+      checkpoint_iterator: save the training iterator's state with each checkpoint (each
+        worker its own) where the iterator is trackable, and resume from it instead of
+        ``train_from`` (which then only serves when no state was saved).
+      fingerprint: what identifies the data in ``run.json`` (file names, sizes, records);
+        None: the files of the ``source`` folder.
+      explain: optional; ``explain(error)`` is one line naming the record behind a
+        TensorFlow error raised while reading the data, or None when no record is at fault.
     """
 
     train: tf.data.Dataset
@@ -85,6 +94,10 @@ class Datasets:
     source: str
     train_from: Optional[Callable[[int], tf.data.Dataset]] = None
     in_memory: Optional[InMemoryTrain] = None
+    sharded: bool = False
+    checkpoint_iterator: bool = False
+    fingerprint: Optional[dict] = None
+    explain: Optional[Callable[[Exception], Optional[str]]] = None
 
     @property
     def in_graph_input(self) -> Optional[InMemoryTrain]:

@@ -47,7 +47,8 @@ def run_signature(trainer) -> dict:
         "seed": config.seed,
         "validation_split": config.validation_split,
         "synthetic_examples": config.synthetic_examples if config.dataset == "synthetic" else None,
-        "data_files": data_fingerprint(trainer.datasets.source),
+        "data_files": trainer.datasets.fingerprint if trainer.datasets.fingerprint is not None
+        else data_fingerprint(trainer.datasets.source),
     }
 
 
@@ -134,12 +135,21 @@ class Checkpointer:
       is_chief: non-chief workers take part in each save (a distributed save is collective)
         but write into a temporary folder that is deleted; they restore from the chief's
         folder, which must therefore be on a file system every worker can read.
+      worker_index: where this worker keeps its own input state (``input/worker-N``; default:
+        the trainer's input pipeline index): the training iterator's position, for data
+        whose position does not follow from the global step (``trainer.saves_input_state``).
     """
 
-    def __init__(self, trainer, *, model_dir: str, keep: int = 3, is_chief: bool = True):
+    def __init__(self, trainer, *, model_dir: str, keep: int = 3, is_chief: bool = True,
+                 worker_index: Optional[int] = None):
         self.trainer = trainer
         self.model_dir = model_dir
         self.is_chief = is_chief
+        self.keep = keep
+        self.input_dir = layout.input_state(
+            model_dir, trainer.input_context.input_pipeline_id if worker_index is None
+            else worker_index)
+        self._input = None  # (iterator, its CheckpointManager)
         self.best_value = tf.Variable(float("nan"), trainable=False, name="best_value")
         self.items = dict(best_value=self.best_value, **trainer.checkpoint_items())
         self.checkpoint = tf.train.Checkpoint(**self.items)
@@ -209,10 +219,45 @@ class Checkpointer:
                 self.notes.append(f"{os.path.basename(path)} holds a dynamic loss-scale state; "
                                   "this run does not use one, so it is left unused")
             self.last_saved_step = int(self.trainer.global_step.numpy())
+            self._restore_input(self.last_saved_step)
             return path
         raise UserError(
             f"no checkpoint in {directory} can be restored (all damaged); move the "
             "folder away to start afresh, or point --model_dir elsewhere")
+
+    def _input_manager(self):
+        """The CheckpointManager of the trainer's current training iterator (None: none)."""
+        iterator = self.trainer.input_state()
+        if iterator is None:
+            return None
+        if self._input is None or self._input[0] is not iterator:
+            manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(iterator=iterator), self.input_dir, max_to_keep=self.keep,
+                step_counter=self.trainer.global_step, checkpoint_name="input")
+            self._input = (iterator, manager)
+        return self._input[1]
+
+    def _restore_input(self, step: int) -> None:
+        """Restores this worker's iterator state saved with step ``step``, where it has one.
+
+        Without one (an earlier version's checkpoint, input that was not streamed, a lost
+        folder), ``train_from`` replays the position from the step, which says so.
+        """
+        if not self.trainer.saves_input_state or not step:
+            return
+        path = os.path.join(self.input_dir, f"input-{step}")
+        if not tf.io.gfile.exists(path + ".index"):
+            self.notes.append(f"{self.input_dir} holds no input state for step {step}; the "
+                              "input position is replayed from the step")
+            self.trainer.restore_input(None)
+            return
+        try:
+            self.trainer.restore_input(path)
+        except (tf.errors.OpError, AssertionError, ValueError) as error:
+            raise UserError(f"the input state {path} cannot be restored ({type(error).__name__}: "
+                            f"{_first_line(error)}); the data pipeline or its files changed. "
+                            f"Move {self.input_dir} away to replay the position from the step "
+                            "instead") from None
 
     def _loss_scale_variables(self) -> list:
         """The dynamic loss-scale state variables of this run ([] when not dynamic)."""
@@ -238,6 +283,9 @@ class Checkpointer:
         lockstep.collective("checkpoint save")
         path = self.manager.save(checkpoint_number=self.trainer.global_step)
         self.last_saved_step = int(self.trainer.global_step.numpy())
+        input_manager = self._input_manager()
+        if input_manager is not None:  # This worker's own input position, by each worker.
+            input_manager.save(checkpoint_number=self.trainer.global_step)
         return path
 
     def maybe_save_best(self, value: float, *, higher_is_better: bool) -> bool:

@@ -187,6 +187,22 @@ def setup(config, device) -> Cluster:
                    worker_index=index, kind=kind)
 
 
+def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
+    """This process's place among the job's input pipelines (one per worker).
+
+    Read from the strategy's cluster (the same rule as :func:`setup`'s worker index), so a
+    Trainer built with any strategy knows which share of sharded files is its own.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if resolver is None or task_type is None:
+        return tf.distribute.InputContext(1, 0, strategy.num_replicas_in_sync)
+    jobs = resolver.cluster_spec().as_dict()
+    workers = sum(len(jobs.get(job, ())) for job in ("chief", "worker")) or 1
+    index = resolver.task_id + (1 if task_type == "worker" and "chief" in jobs else 0)
+    return tf.distribute.InputContext(workers, index, strategy.num_replicas_in_sync)
+
+
 def _watch_peers(jobs: dict, *, own) -> None:
     """Aborts this worker's collectives as soon as a peer's process is gone.
 
