@@ -53,6 +53,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     best_metric = _best_metric(config, trainer)
     verbose = config.verbose
     checkpointer = _resume(config, trainer, steps, verbose) if config.model_dir else None
+    trainer.mark_reads()
     with steps.chief_only() as chief:
         if chief and verbose:
             console.banner(device=device, config=config, trainer=trainer)
@@ -92,7 +93,7 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
                 print(f"stopped by {result.stopped_by} at step {step}{where}", flush=True)
         return {"preempted": True, "global_step": step, "stopped_by": result.stopped_by}
     test = trainer.evaluate(trainer.datasets.test)
-    summary = _summary(config, trainer, device, cluster, result, test)
+    summary = _summary(config, trainer, device, cluster, result, test, checkpointer)
     with steps.chief_only() as chief:
         if chief and verbose:
             console.print_test(test)
@@ -167,7 +168,8 @@ def _resume(config: TrainConfig, trainer: Trainer, steps: Lockstep, verbose: boo
     return checkpointer
 
 
-def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, test) -> dict:
+def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, test,
+             checkpointer=None) -> dict:
     """What a finished run reports (the ``--metrics_file`` JSON)."""
     return {
         "policy": config.policy,
@@ -193,5 +195,9 @@ def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, tes
         "skipped_steps": int(trainer.skipped_steps.numpy()),
         "global_step": int(trainer.global_step.numpy()),
         "weights_checksum": trainer.weights_checksum(),
+        # What continuing the input cost: bytes read from after the resume to the end of the
+        # first step loop, and the size of this worker's newest saved input state.
+        "first_loop_read_bytes": trainer.first_loop_read_bytes,
+        "input_state_bytes": checkpointer.input_state_bytes() if checkpointer else None,
         "history": files.history_rows(result.history),
     }

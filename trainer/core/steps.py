@@ -18,7 +18,7 @@ from trainer.core import contracts, optimizers, precision, weighted_metrics
 from trainer.core.loss_scale import LossScaler
 from trainer.data import in_graph
 from trainer.errors import UserError
-from trainer.runtime import distribution, lockstep
+from trainer.runtime import devices, distribution, lockstep
 
 _NO_LIMIT = 2 ** 63 - 1  # max_consecutive_skips=0: the loop never stops for skips.
 
@@ -123,6 +123,9 @@ class Trainer:
         # _train_loop_fn): the share of step time spent waiting for input.
         self.input_wait_s = tf.Variable(tf.constant(0.0, tf.float64), trainable=False,
                                         name="input_wait_s")
+        # Bytes read from mark_reads() to the end of the first step loop (see mark_reads).
+        self.first_loop_read_bytes: Optional[int] = None
+        self._read_mark: Optional[int] = None
         self.in_graph_input = in_graph.InGraphInput.maybe(self.datasets, self.strategy,
                                                             config.batch_size)
         self._train_loop = tf.function(self._train_loop_fn)
@@ -351,6 +354,17 @@ class Trainer:
         with self._input_errors():
             self._train_loop(iterator, tf.constant(num_steps, tf.int32),
                              tf.constant(limit or _NO_LIMIT, tf.int64))
+        if self._read_mark is not None:
+            self.first_loop_read_bytes = (devices.bytes_read() or 0) - self._read_mark
+            self._read_mark = None
+
+    def mark_reads(self) -> None:
+        """Starts counting the bytes this process reads until the first step loop ends.
+
+        Called after a resume: with streamed data the count shows what continuing needed
+        (the iterator's read-ahead, not the records already trained on).
+        """
+        self._read_mark = devices.bytes_read()
 
     @contextlib.contextmanager
     def _input_errors(self):
@@ -443,13 +457,16 @@ class Trainer:
         step = tf.constant(0, tf.int32)
         while step < num_steps and not self._storm(max_consecutive_skips):
             # The wait for the next batch, timed in the graph: the loop's stateful ops run in
-            # program order, so the clock reads bracket the fetch and nothing else.
-            asked = tf.timestamp()
+            # program order, so the clock reads bracket the fetch and nothing else. (Op
+            # determinism forbids reading the clock: then the wait is not measured.)
+            timed = not self.config.deterministic
+            asked = tf.timestamp() if timed else tf.constant(0.0, tf.float64)
             with tf.control_dependencies([asked]):
                 batch = next(iterator) if iterator is not None else self.in_graph_input.batch(
                     self.global_step)
-            with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
-                self.input_wait_s.assign_add(tf.timestamp() - asked)
+            if timed:
+                with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+                    self.input_wait_s.assign_add(tf.timestamp() - asked)
             skipped = self.strategy.run(self._replica_train_step, args=(batch,))
             # Gradients were all-reduced before the finiteness check, so every replica
             # agrees; the first local value stands for all.

@@ -30,6 +30,9 @@ class EpochLog:
     loss_scale: float
     skipped_steps: int
     global_step: int
+    # Share of the step loops' time spent waiting for the next batch (this worker's; None
+    # under --deterministic, whose op determinism forbids reading the clock in the graph).
+    input_wait: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -40,6 +43,10 @@ class FitResult:
     step_time_ms: float
     examples_per_sec: float
     stopped_by: Optional[str] = None  # The signal that preempted the run, if one did.
+
+
+# Above this share of step time spent waiting for input, a run is input-bound: said once.
+INPUT_BOUND = 0.2
 
 
 def check_non_finite(trainer: Trainer, max_consecutive_skips: int, *,
@@ -129,6 +136,8 @@ class FitLoop:
         self.should_stop = should_stop
         self.history: List[EpochLog] = []
         self.stopped_by: Optional[str] = None
+        self._input_wait_s = float(trainer.input_wait_s.numpy())
+        self._said_input_bound = False
         actions = []
         # Progress and the caller's actions first: they see the training metrics before the
         # evaluation resets them.
@@ -182,6 +191,10 @@ class FitLoop:
         del now
         trainer, config = self.trainer, self.trainer.config
         steps, seconds = self.controller.timer.lap()
+        waited = float(trainer.input_wait_s.numpy())
+        input_wait = None if config.deterministic else \
+            min(1.0, (waited - self._input_wait_s) / seconds) if seconds else 0.0
+        self._input_wait_s = waited
         validation = trainer.evaluate(trainer.datasets.validation) \
             if trainer.datasets.validation is not None else {}
         log = EpochLog(
@@ -190,7 +203,7 @@ class FitLoop:
             ms_per_step=1000 * seconds / max(steps, 1),
             examples_per_sec=steps * config.batch_size / seconds if seconds else 0.0,
             loss_scale=trainer.loss_scale, skipped_steps=int(trainer.skipped_steps.numpy()),
-            global_step=step)
+            global_step=step, input_wait=input_wait)
         self.history.append(log)
         if self.checkpointer is not None and self.best_metric in validation:
             self.checkpointer.maybe_save_best(validation[self.best_metric],
@@ -203,11 +216,19 @@ class FitLoop:
                     f"step {step}: the dynamic loss scale is stuck at its floor (1), so "
                     "gradients overflow even unscaled; training stops if steps keep being "
                     "skipped. Lower --learning_rate or set --clip_norm")
+            # In-memory data gathered in the step loop cannot be sped up by these fixes.
+            if (input_wait or 0.0) > INPUT_BOUND and not self._said_input_bound and \
+                    trainer.in_graph_input is None:
+                self._said_input_bound = True
+                warn(f"input-bound: the steps waited for input {input_wait:.0%} of the time; "
+                     "decode in more parallel calls (--parallel_calls), cache a small set in "
+                     "memory, or train on smaller images (--image_size)")
             if self.summaries is not None:
                 lr = optimizers.current_learning_rate(trainer.optimizer)
                 self.summaries.scalars("train", step, {
                     **log.train, "loss_scale": log.loss_scale, "learning_rate": lr,
                     "examples_per_sec": log.examples_per_sec,
+                    **({} if log.input_wait is None else {"input_wait": log.input_wait}),
                     "skipped_steps": log.skipped_steps})
                 self.summaries.scalars("validation", step, validation)
                 self.summaries.flush()

@@ -237,6 +237,14 @@ class Checkpointer:
             self._input = (iterator, manager)
         return self._input[1]
 
+    def input_state_bytes(self) -> Optional[int]:
+        """Size of this worker's newest saved input state (None: none saved)."""
+        latest = tf.train.latest_checkpoint(self.input_dir) if self.trainer.saves_input_state \
+            else None
+        if not latest:
+            return None
+        return sum(os.path.getsize(p) for p in tf.io.gfile.glob(latest + ".*"))
+
     def _restore_input(self, step: int) -> None:
         """Restores this worker's iterator state saved with step ``step``, where it has one.
 

@@ -38,6 +38,7 @@ def epoch_line(log) -> str:
     parts += [f"{k} {v:.4f}" for k, v in log.train.items()]
     parts += [f"val_{k} {v:.4f}" for k, v in log.validation.items()]
     parts += [f"{log.ms_per_step:.2f} ms/step", f"{log.examples_per_sec:,.0f} examples/s",
+              *([] if log.input_wait is None else [f"input wait {log.input_wait:.0%}"]),
               f"loss_scale {log.loss_scale:g}", f"skipped {log.skipped_steps}"]
     return " - ".join(parts)
 

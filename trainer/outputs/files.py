@@ -147,10 +147,12 @@ def history_rows(history) -> List[dict]:
     """The training history (``loop.EpochLog`` entries) as flat JSON rows.
 
     One row per log: ``epoch``, ``step``, the training metrics by name, the validation
-    metrics as ``val_<name>``, and ``ms_per_step``.
+    metrics as ``val_<name>``, ``ms_per_step`` and ``input_wait`` (the share of step time
+    spent waiting for input).
     """
     return [{"epoch": h.epoch, "step": h.global_step, **h.train,
-             **{f"val_{k}": v for k, v in h.validation.items()}, "ms_per_step": h.ms_per_step}
+             **{f"val_{k}": v for k, v in h.validation.items()}, "ms_per_step": h.ms_per_step,
+             "input_wait": h.input_wait}
             for h in history]
 
 

@@ -314,3 +314,20 @@ def _warn_if_slow(info: DeviceInfo, policy: str) -> DeviceInfo:
     if reason:
         warn(reason)
     return info
+
+
+def bytes_read() -> Optional[int]:
+    """Bytes this process has read so far (``rchar`` of ``/proc/self/io``; None elsewhere).
+
+    ``rchar`` counts every byte ``read`` and ``pread`` returned, from the page cache or the
+    disk alike, so it measures what the process asked for (records, checkpoints), not what
+    the disk happened to have cached.
+    """
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
