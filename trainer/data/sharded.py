@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 from trainer.compat import tf
@@ -242,10 +243,13 @@ def find_bad_record(paths: Sequence[str], parse: Parse) -> Optional[str]:
 def _tf_message(error: Exception) -> str:
     """TensorFlow's message without its graph annotations (first line, no node names)."""
     text = getattr(error, "message", str(error)).strip().splitlines()[0]
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"^Error in user-defined function passed to .*? transformation with "
+                  r"iterator: \S+: ", "", text)
     text = text.split("\t [[")[0].split(" [[")[0].split(" [Op:")[0].strip()
-    if RECORD_ERROR in text:  # Our in-graph check: keep its values, drop Assert's framing.
-        text = text[text.index(RECORD_ERROR) + len(RECORD_ERROR):]
-        text = text.replace("] [", " ").replace("[", "").replace("]", "")
+    ours = re.search(re.escape(RECORD_ERROR) + r"(.*?)\] \[(-?\d+)\] \[(.*)\]", text)
+    if ours:  # Our in-graph check (Assert prints each of its values in brackets).
+        text = " ".join(ours.groups())
     return text.rstrip(".")
 
 

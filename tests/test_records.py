@@ -1,0 +1,246 @@
+"""TFRecord files (trainer/data/records.py) and the shard writer (trainer/data/writer.py,
+``python -m trainer.data.write_shards``): record counts from headers, shards written by
+TensorFlow's own writer, an image folder, the accuracy of shards against the same arrays, and
+one line for each kind of bad file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, run_cli, user_stderr_lines
+from trainer import data
+from trainer.compat import tf
+from trainer.data import records
+from trainer.errors import UserError
+
+SMALL = ["--model=mlp", "--model_args=units=16", "--batch_size=32", "--validation_split=0",
+         "--policy=float32", "--device=cpu", "--epochs=1", "--progress=none"]
+
+
+def _example(image: bytes, label: int, key: str = "image/encoded") -> bytes:
+    feature = tf.train.Feature
+    return tf.train.Example(features=tf.train.Features(feature={
+        key: feature(bytes_list=tf.train.BytesList(value=[image])),
+        "image/class/label": feature(int64_list=tf.train.Int64List(value=[label])),
+    })).SerializeToString()
+
+
+def _write_with_tf(path, count: int, *, bad_at: int = -1, bad=None, labels=None):
+    """A shard written by tf.io.TFRecordWriter (not by our writer): 8x8 grey PNGs."""
+    rng = np.random.default_rng(count)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(count):
+            label = int(labels[i]) if labels is not None else i % 4
+            image = np.full((8, 8, 1), 60 * label, np.uint8) + rng.integers(0, 20, (8, 8, 1),
+                                                                          dtype=np.uint8)
+            record = _example(tf.io.encode_png(image).numpy(), label)
+            writer.write(bad(record, label) if i == bad_at else record)
+
+
+def test_scan_counts_records_from_headers_of_tensorflows_own_files(tmp_path):
+    _write_with_tf(tmp_path / "a", 37)
+    shard = records.scan(str(tmp_path / "a"))
+    assert (shard.records, shard.size) == (37, os.path.getsize(tmp_path / "a"))
+    assert int(tf.data.TFRecordDataset(str(tmp_path / "a")).reduce(0, lambda n, _: n + 1)) == 37
+    assert records.crc32c(b"123456789") == 0xE3069283  # CRC-32C's check value.
+
+
+def test_shards_from_tensorflows_writer_train(tmp_path):
+    for i in range(2):
+        _write_with_tf(tmp_path / f"train-{i}", 96)
+    _write_with_tf(tmp_path / "test-0", 64)
+    result = run_cli(f"--dataset=tfrecord:{tmp_path}/train-*", *SMALL, "--num_classes=4",
+                     "--augment=false", "--epochs=3", "--learning_rate=0.01",
+                     f"--metrics_file={tmp_path}/m.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["global_step"] == 3 * 192 // 32
+    assert metrics["test_accuracy"] > 0.6  # Four brightness levels: learnable in 18 steps.
+    assert f"from {tmp_path}: 192 train / 0 validation / 64 test" in result.stdout
+
+
+def test_shards_train_to_the_accuracy_of_the_same_arrays(tmp_path):
+    # Fashion-MNIST (8000 train / 2000 test of the real set): the arrays in memory and the
+    # same images as PNG shards, same seed and model; only the order of examples differs.
+    arrays = data.load_arrays("fashion_mnist")
+    x_train, y_train = arrays.x_train[:8000], arrays.y_train[:8000]
+    x_test, y_test = arrays.x_test[:2000], arrays.y_test[:2000]
+    data.write_arrays(x_train, y_train, str(tmp_path / "train"), num_shards=4)
+    data.write_arrays(x_test, y_test, str(tmp_path / "test"), num_shards=1)
+    np.savez(tmp_path / "arrays.npz", x_train=x_train, y_train=y_train, x_test=x_test,
+             y_test=y_test)
+    flags = ["--model=mlp", "--batch_size=64", "--validation_split=0", "--policy=float32",
+             "--device=cpu", "--epochs=2", "--progress=none"]
+    shards = run_cli(f"--dataset=tfrecord:{tmp_path}/train-*", *flags, "--augment=false",
+                     f"--metrics_file={tmp_path}/shards.json")
+    assert shards.returncode == 0, shards.stderr[-2000:]
+    script = (
+        "import sys, numpy as np, trainer\n"
+        "from trainer.config import TrainConfig\n"
+        "f = np.load(sys.argv[1])\n"
+        "class T(trainer.Trainer):\n"
+        "    def build_datasets(self):\n"
+        "        return trainer.data.from_arrays(f['x_train'], f['y_train'], f['x_test'],\n"
+        "            f['y_test'], batch_size=64, num_classes=10, seed=self.config.seed)\n"
+        "s = trainer.run(TrainConfig(model='mlp', batch_size=64, validation_split=0,\n"
+        "    policy='float32', device='cpu', epochs=2, verbose=False), trainer_cls=T)\n"
+        "print(s['test_accuracy'])\n")
+    memory = subprocess.run([sys.executable, "-c", script, str(tmp_path / "arrays.npz")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert memory.returncode == 0, memory.stderr[-2000:]
+    from_arrays = float(memory.stdout.split()[-1])
+    from_shards = json.loads((tmp_path / "shards.json").read_text())["test_accuracy"]
+    assert from_arrays > 0.78 and abs(from_shards - from_arrays) < 0.03, (from_shards, from_arrays)
+
+
+def test_an_image_folder_becomes_shards_that_train(tmp_path):
+    # FOLDER/CLASS/*.jpg and *.png, as photos are kept; the README's quick path.
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["cat", "dog", "fox"]):
+        os.makedirs(tmp_path / "photos" / name)
+        for i in range(24):
+            image = np.clip(rng.normal(80 * label + 20, 10, (20, 24, 3)), 0, 255).astype(np.uint8)
+            encode, suffix = (tf.io.encode_jpeg, "jpg") if i % 2 else (tf.io.encode_png, "png")
+            (tmp_path / "photos" / name / f"{i}.{suffix}").write_bytes(encode(image).numpy())
+    write = subprocess.run([sys.executable, "-m", "trainer.data.write_shards",
+                            f"--images={tmp_path}/photos", f"--out={tmp_path}/shards/train",
+                            "--shards=2"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert write.returncode == 0, write.stderr[-2000:]
+    assert "wrote 2 files" in write.stdout
+    assert (tmp_path / "shards" / "labels.txt").read_text() == "cat\ndog\nfox\n"
+    assert sum(records.scan(str(p)).records for p in (tmp_path / "shards").glob("train-*")) == 72
+    # Never overwrites: the same command again is one line, the shards unchanged.
+    again = subprocess.run([sys.executable, "-m", "trainer.data.write_shards",
+                            f"--images={tmp_path}/photos", f"--out={tmp_path}/shards/train",
+                            "--shards=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1
+    assert user_stderr_lines(again.stderr)[-1].startswith("error: ") and "exists already" in \
+        again.stderr
+    result = run_cli(f"--dataset=tfrecord:{tmp_path}/shards/train-*", *SMALL, "--image_size=16",
+                     f"--eval_data={tmp_path}/shards/train-*", "--batch_size=8",
+                     f"--metrics_file={tmp_path}/m.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["global_step"] == 72 // 8
+
+
+# ------------------------------------------------------------------ bad input: one line each
+
+
+def _hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def good(tmp_path):
+    """Two good training shards, a test shard and a model_dir with a finished epoch."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        _write_with_tf(folder / f"train-{i}", 64)
+    _write_with_tf(folder / "test-0", 32)
+    (folder / "labels.txt").write_text("a\nb\nc\nd\n")
+    first = run_cli(f"--dataset=tfrecord:{folder}/train-*", *SMALL, "--augment=false",
+                    f"--model_dir={tmp_path}/run")
+    assert first.returncode == 0, first.stderr[-2000:]
+    return folder
+
+
+def _fails_with(good, expected: str, *, same_run: bool = True):
+    """Trains on ``good`` (after the test spoiled it): one error line, model_dir unchanged.
+
+    A file whose size changed is found before the model_dir's own check; one whose content
+    changed is another dataset to that check (its record counts and sizes), so it trains into
+    a new folder, saving each step, and the checkpoints before the bad batch must survive.
+    """
+    run = good.parent / ("run" if same_run else "new")
+    before = _hashes(run) if same_run else {}
+    result = run_cli(f"--dataset=tfrecord:{good}/train-*", *SMALL, "--augment=false",
+                     "--epochs=2", f"--model_dir={run}", "--checkpoint_every=1",
+                     "--steps_per_loop=1")
+    lines = user_stderr_lines(result.stderr)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert expected in lines[-1], lines[-1]
+    if same_run:
+        assert _hashes(run) == before  # Nothing already written is lost or changed.
+    else:
+        saved = tf.train.latest_checkpoint(str(run / "checkpoints"))
+        step = int(saved.rsplit("-", 1)[1]) if saved else 0
+        assert (run / "run.json").exists() and step == len(list((run / "input" / "worker-0")
+                                                                 .glob("input-*.index")))
+    return lines[-1]
+
+
+def test_empty_glob(good):
+    result = run_cli(f"--dataset=tfrecord:{good}/nothing-*", *SMALL)
+    assert result.returncode == 1
+    assert user_stderr_lines(result.stderr) == [
+        f"error: --dataset: no file matches '{good}/nothing-*'; check the path (quote the glob "
+        "so the shell does not expand it), or write shards with python -m "
+        "trainer.data.write_shards"]
+
+
+def test_a_shard_that_is_not_tfrecord_is_found_before_step_one(good):
+    (good / "train-2").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40)
+    line = _fails_with(good, f"{good}/train-2 is not a TFRecord file (its first record's "
+                             "header checksum is wrong)")
+    assert line.startswith("error: ")
+
+
+def test_a_truncated_last_record_is_found_before_step_one(good):
+    path = good / "train-1"
+    path.write_bytes(path.read_bytes()[:-30])
+    _fails_with(good, f"{path}: record 63 is truncated (it needs")
+
+
+def _rewrite(good, bad, at: int = 5):
+    _write_with_tf(good / "train-1", 64, bad_at=at, bad=bad)
+
+
+def test_a_record_without_the_image_key_names_file_and_record(good):
+    _rewrite(good, lambda record, label: _example(b"", label, key="image/png"))
+    _fails_with(good, f"{good}/train-1: record 5: Feature: image/encoded (data type: string) is "
+                      "required but could not be found", same_run=False)
+
+
+def test_an_undecodable_image_names_file_and_record(good):
+    _rewrite(good, lambda record, label: _example(b"not an image at all", label), at=9)
+    _fails_with(good, f"{good}/train-1: record 9: ", same_run=False)
+
+
+def test_a_label_outside_the_class_count_names_file_and_record(good):
+    png = tf.io.encode_png(np.zeros((8, 8, 1), np.uint8)).numpy()
+    _rewrite(good, lambda record, label: _example(png, 7), at=12)
+    line = _fails_with(good, f"{good}/train-1: record 12: label 7 outside [0, 4)",
+                       same_run=False)
+    assert "--num_classes=4" in line
+
+
+def test_an_unreadable_first_image_is_found_before_step_one(good):
+    _write_with_tf(good / "train-0", 64, bad_at=0,
+                   bad=lambda record, label: _example(b"garbage", label))
+    _fails_with(good, f"{good}/train-0: record 0: its image cannot be decoded")
+
+
+def test_api_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="exists already"):
+        _write_with_tf(tmp_path / "x-00000-of-00001", 2)
+        data.write_arrays(np.zeros((2, 4, 4), np.uint8), np.zeros(2), str(tmp_path / "x"),
+                          num_shards=1)
+    with pytest.raises(UserError, match="needs uint8 images"):
+        data.write_arrays(np.zeros((2, 4, 4), np.float32), np.zeros(2), str(tmp_path / "y"),
+                          num_shards=1)
+    with pytest.raises(UserError, match="no class folders"):
+        data.write_image_folder(str(tmp_path), str(tmp_path / "z"), num_shards=1)
