@@ -149,7 +149,7 @@ NON_DEFAULT = {
     "lr_schedule": "cosine", "progress": "log", "compare_policies": "float32",
     "export_dir": "{tmp}/export", "profile_steps": "1,2", "distribution": "none",
     "worker_hosts": "a,b", "learning_rate": 0.5, "validation_split": 0.2, "clip_norm": 1.5,
-    "grad_accum_steps": 2,
+    "grad_accum_steps": 2, "eval_data": "{tmp}/validation-*",
 }
 IN_CONFIG = {"model_args": {"units": 7}, "loss_scale": 1024.0}
 NOT_FLAGS = {"verbose"}  # Library callers' switch; run.py always prints.
@@ -171,6 +171,9 @@ def test_every_config_field_is_a_flag_and_reaches_the_config(tmp_path):
         argv = ["run.py", f"--{name}={text}"]
         if name in ("checkpoint_every", "profile_steps", "numerics_every"):
             argv.append(f"--model_dir={tmp_path}/run")  # They need a folder to write into.
+        if name in ("eval_data", "image_size", "num_classes", "label_offset", "augment",
+                    "parallel_calls"):
+            argv.append(f"--dataset=tfrecord:{tmp_path}/train-*")  # Only for record files.
         flag_values.unparse_flags()
         flag_values(argv)
         config = trainer_flags.config_from_flags(flag_values)

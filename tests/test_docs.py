@@ -21,6 +21,9 @@ COMMAND_WORDS = ("python", "python3", "mpirun", "make", "source", "saved_model_c
 SMALL = ("--dataset=synthetic", "--synthetic_examples=512", "--batch_size=64", "--epochs=1")
 # Extra sizes a command needs on top of SMALL (a profile range needs 120 steps).
 MORE = {"--profile_steps=100,120": ("--synthetic_examples=8192",)}
+# Record-file runs keep their --dataset: only the sizes; their shards are written small.
+SMALL_RECORDS = ("--batch_size=16", "--epochs=1")
+SMALL_SHARDS = ("--examples=512",)  # Appended to `write_shards --dataset=...`.
 # Run by another test, with its own checks of the output.
 ELSEWHERE = {
     "make test": ".ci/run: this suite is what it runs",
@@ -33,6 +36,7 @@ NOT_RUN = {
     "tensorboard --logdir": "a server that runs until stopped (the event files it reads are "
                             "checked by tests/test_fit_loop.py and tests/test_profiling.py)",
     "pip install": "installs packages",
+    "/data/imagenet": "needs ImageNet's shards",
 }
 # What a successful run prints (stdout), per command fragment: more than a zero exit status.
 EXPECT = {
@@ -41,6 +45,7 @@ EXPECT = {
     "--compare_policies": r"^wrote runs/cmp/comparison.json",
     "configs/compare_": r"^wrote runs/compare_\w+/comparison.json",
     "saved_model_cli": r"serving_default|outputs\['",
+    "write_shards": r"^wrote \d+ files \([\d.]+ MB\)",
     # The run really is Keras 2 (the banner names it), then trains to its test line.
     "TF_USE_LEGACY_KERAS=1": r"\| Keras 2\.[\d.]+ \(tf_keras\)$(.|\n)*^test: loss [\d.]+",
     "run.py": r"^test: loss [\d.]+",
@@ -61,6 +66,20 @@ PYTHON_BLOCKS = {
 SERVE_CHECK = ("assert probabilities.shape == (4, 10) and probabilities.dtype == tf.float32; "
                "np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, rtol=1e-5); "
                "print('served', probabilities.shape)")
+
+
+def _photos(folder, per_class: int = 24) -> None:
+    """A folder of JPEGs, one sub-folder per class, as a user's photos are kept."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog", "fox")):
+        os.makedirs(folder / name)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(70 * label + 40, 25, (48, 64, 3)), 0, 255)
+            jpeg = tf.io.encode_jpeg(pixels.astype(np.uint8)).numpy()
+            (folder / name / f"{i}.jpg").write_bytes(jpeg)
 
 
 def _python_block(page: str, first_line: str) -> str:
@@ -98,7 +117,7 @@ def test_every_command_is_accounted_for():
     for command in commands:
         runnable = ENV_PREFIX.sub("", command).startswith((
             "python run.py", "source .venv/bin/activate && python", "make run",
-            "saved_model_cli"))
+            "saved_model_cli", "python -m trainer.data.write_shards"))
         assert runnable or _reason_not_run(command), f"neither run nor explained: {command}"
 
 
@@ -106,8 +125,12 @@ def _runnable(command: str) -> str:
     """The shell line to run: the command as written, small sizes appended to run.py calls."""
     if command.startswith("make run"):
         return f"make --no-print-directory run ARGS='{' '.join(SMALL)}'"
+    if "write_shards --dataset=" in command:
+        return f"{command} {' '.join(SMALL_SHARDS)}"
     if "run.py" not in command:
         return command
+    if "tfrecord:" in command:
+        return f"{command} {' '.join(SMALL_RECORDS)}"
     # `python` is the venv's: its bin folder leads PATH (see the test below).
     extra = list(SMALL) + [flag for key, more in MORE.items() if key in command for flag in more]
     return f"{command} {' '.join(extra)}"
@@ -122,6 +145,8 @@ def test_page_commands_run_as_written(page, tmp_path):
     commands = _runnable_commands(page)
     for name in ("run.py", "configs", "examples", ".venv"):
         os.symlink(ROOT / name, tmp_path / name)
+    if any("--images=photos/" in c for c in commands):
+        _photos(tmp_path / "photos")
     # As after `source .venv/bin/activate`: the venv's commands (saved_model_cli...) first.
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")

@@ -103,7 +103,8 @@ def test_shards_train_to_the_accuracy_of_the_same_arrays(tmp_path):
 
 
 def test_an_image_folder_becomes_shards_that_train(tmp_path):
-    # FOLDER/CLASS/*.jpg and *.png, as photos are kept; the README's quick path.
+    # FOLDER/CLASS/*.jpg and *.png, as photos are kept (the README's quick path runs in
+    # tests/test_docs.py).
     rng = np.random.default_rng(0)
     for label, name in enumerate(["cat", "dog", "fox"]):
         os.makedirs(tmp_path / "photos" / name)
@@ -111,27 +112,32 @@ def test_an_image_folder_becomes_shards_that_train(tmp_path):
             image = np.clip(rng.normal(80 * label + 20, 10, (20, 24, 3)), 0, 255).astype(np.uint8)
             encode, suffix = (tf.io.encode_jpeg, "jpg") if i % 2 else (tf.io.encode_png, "png")
             (tmp_path / "photos" / name / f"{i}.{suffix}").write_bytes(encode(image).numpy())
-    write = subprocess.run([sys.executable, "-m", "trainer.data.write_shards",
-                            f"--images={tmp_path}/photos", f"--out={tmp_path}/shards/train",
-                            "--shards=2"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    command = [sys.executable, "-m", "trainer.data.write_shards", f"--images={tmp_path}/photos",
+               f"--out={tmp_path}/shards", "--shards=2", "--validation=0.25"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    write = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert write.returncode == 0, write.stderr[-2000:]
-    assert "wrote 2 files" in write.stdout
-    assert (tmp_path / "shards" / "labels.txt").read_text() == "cat\ndog\nfox\n"
-    assert sum(records.scan(str(p)).records for p in (tmp_path / "shards").glob("train-*")) == 72
+    assert "wrote 3 files" in write.stdout
+    shards = tmp_path / "shards"
+    assert (shards / "labels.txt").read_text() == "cat\ndog\nfox\n"
+    count = {split: sum(records.scan(str(p)).records for p in shards.glob(f"{split}-*"))
+             for split in ("train", "validation")}
+    assert count == {"train": 54, "validation": 18}
     # Never overwrites: the same command again is one line, the shards unchanged.
-    again = subprocess.run([sys.executable, "-m", "trainer.data.write_shards",
-                            f"--images={tmp_path}/photos", f"--out={tmp_path}/shards/train",
-                            "--shards=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 1
-    assert user_stderr_lines(again.stderr)[-1].startswith("error: ") and "exists already" in \
-        again.stderr
-    result = run_cli(f"--dataset=tfrecord:{tmp_path}/shards/train-*", *SMALL, "--image_size=16",
-                     f"--eval_data={tmp_path}/shards/train-*", "--batch_size=8",
-                     f"--metrics_file={tmp_path}/m.json")
+    assert user_stderr_lines(again.stderr) == [
+        f"error: {shards}/train-00000-of-00002 exists already; choose another --out or delete it"]
+    # The validation files are found by their name; 20x24 images cropped to 16x16.
+    result = run_cli(f"--dataset=tfrecord:{shards}/train-*", *SMALL, "--image_size=16",
+                     "--batch_size=8", "--validation_split=0.1", "--model=cnn",
+                     "--model_args=width=4", f"--metrics_file={tmp_path}/m.json")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["global_step"] == 72 // 8
+    assert metrics["global_step"] == 54 // 8
+    assert "54 train / 18 validation / 18 test" not in result.stdout  # Steps drop a remainder:
+    assert "48 train / 18 validation / 18 test" in result.stdout  # 6 full batches of 8.
+    assert "val_accuracy" in metrics["history"][-1] or "val_loss" in metrics["history"][-1]
 
 
 # ------------------------------------------------------------------ bad input: one line each

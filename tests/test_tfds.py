@@ -119,3 +119,50 @@ def test_images_of_varying_size_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^--dataset=tfds:tf_flowers: its 'image' feature has "
                                         r"shape \(None, None, 3\), not one fixed shape; resize"):
         data.dataset_shapes("tfds:tf_flowers", str(tmp_path))
+
+
+def test_a_set_too_big_for_memory_streams_from_its_prepared_files(tmp_path, monkeypatch):
+    # A real prepared set (tfds writes its TFRecord files and dataset_info.json here), with
+    # the line between memory and streaming set to 0 MB: trained from the files, never
+    # loaded whole, and the same examples as the in-memory path of the same set.
+    import trainer
+    from trainer import data
+    from trainer.config import TrainConfig
+    from trainer.data import tfds_source
+
+    class TinyDigits(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 1)),
+                "label": tfds.features.ClassLabel(num_classes=3)}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(96, 0), "test": self._generate_examples(32, 1)}
+
+        def _generate_examples(self, count, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(count):
+                label = i % 3
+                image = (rng.integers(0, 30, (8, 8, 1)) + 100 * label).astype(np.uint8)
+                yield i, {"image": image, "label": label}
+
+    TinyDigits(data_dir=str(tmp_path)).download_and_prepare()
+    config = TrainConfig(dataset="tfds:tiny_digits", data_dir=str(tmp_path), batch_size=32,
+                         epochs=3, validation_split=0, model_args={"units": 16}, device="cpu",
+                         policy="float32", learning_rate=0.01, verbose=False)
+    assert not tfds_source.streams(config.dataset, config.data_dir)  # 6 KB: in memory.
+    monkeypatch.setenv(tfds_source.STREAM_ABOVE_ENV, "0")
+    assert tfds_source.streams(config.dataset, config.data_dir)
+    streamed = data.load(config)
+    assert streamed.sharded and streamed.in_memory is None and streamed.steps_per_epoch == 3
+    assert (streamed.num_test, streamed.input_shape, streamed.num_classes) == (32, (8, 8, 1), 3)
+    seen = np.concatenate([x.numpy() for x, _ in streamed.train.take(3)])
+    memory = data.load_arrays("tfds:tiny_digits", data_dir=str(tmp_path))
+    np.testing.assert_allclose(np.sort(seen.reshape(96, -1).sum(1)),  # The same examples.
+                               np.sort((memory.x_train / 255).reshape(96, -1).sum(1)), rtol=1e-5)
+    summary = trainer.run(config)
+    assert summary["global_step"] == 9 and summary["test_accuracy"] > 0.6
+    assert summary["data_source"] == os.path.join(str(tmp_path), "tiny_digits", "1.0.0")

@@ -160,7 +160,10 @@ class Trainer:
         """Returns the train/validation/test pipelines (runs eagerly, once).
 
         ``train`` must be infinite and yield ``(features, labels)`` batches of the **global**
-        batch size; the strategy splits each batch across replicas.
+        batch size; the strategy splits each batch across replicas. Sharded streams
+        (``Datasets.sharded``: record files, ``data.from_files(...,
+        input_context=self.input_context)``) are this worker's share instead, at its share
+        of the batch.
 
         When ``train_from`` is set, the Trainer reads ``train_from(examples_seen)``, not
         ``train``: ``train_from(n)`` must be ``train`` with its first ``n`` examples skipped.
@@ -169,21 +172,7 @@ class Trainer:
         where it can be). A ``train`` whose element spec differs from ``train_from(0)``'s is
         refused.
         """
-        config = self.config
-        if config.dataset.startswith("tfrecord:"):
-            return data.from_tfrecord(
-                config.dataset[len("tfrecord:"):], batch_size=config.batch_size,
-                eval_data=config.eval_data, image_size=config.image_size,
-                num_classes=config.num_classes, label_offset=config.label_offset,
-                augment=config.augment, validation_split=config.validation_split,
-                seed=config.seed, input_context=self.input_context,
-                parallel_calls=config.parallel_calls, deterministic=config.deterministic)
-        arrays = data.load_arrays(self.config.dataset, data_dir=self.config.data_dir,
-                                  seed=self.config.seed,
-                                  synthetic_examples=self.config.synthetic_examples)
-        return data.make_datasets(arrays, batch_size=self.config.batch_size,
-                                  validation_split=self.config.validation_split,
-                                  seed=self.config.seed)
+        return data.load(self.config, input_context=self.input_context)
 
     def build_model(self) -> keras.Model:
         """Returns the model; runs eagerly under the run's dtype policy and strategy scope.

@@ -51,12 +51,38 @@ from trainer.errors import UserError
 
 __all__ = [
     "Arrays", "DATASET_SHAPES", "Datasets", "IDX_FILES", "InMemoryTrain", "SYSTEM_FASHION_MNIST",
-    "check_arrays", "dataset_shapes", "from_arrays", "from_datasets", "from_files",
+    "check_arrays", "dataset_shapes", "load", "from_arrays", "from_datasets", "from_files",
     "from_tfrecord", "full_batches", "image_parser", "load_arrays", "make_datasets", "read_idx",
     "records", "to_float", "write_arrays", "write_image_folder",
 ]
 
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def load(config, *, input_context: Optional[tf.distribute.InputContext] = None) -> Datasets:
+    """The datasets ``config`` (a TrainConfig) names: streamed record files
+    (``tfrecord:GLOB``; a ``tfds:`` set too big for memory), else arrays in memory.
+
+    Args:
+      input_context: this worker's place in the job; streamed files are sharded by it.
+    """
+    name = config.dataset
+    if name.startswith("tfrecord:"):
+        return from_tfrecord(
+            name[len("tfrecord:"):], batch_size=config.batch_size, eval_data=config.eval_data,
+            image_size=config.image_size, num_classes=config.num_classes,
+            label_offset=config.label_offset, augment=config.augment,
+            validation_split=config.validation_split, seed=config.seed,
+            input_context=input_context, parallel_calls=config.parallel_calls,
+            deterministic=config.deterministic)
+    if name.startswith("tfds:") and tfds_source.streams(name, config.data_dir):
+        return tfds_source.stream_tfds(name, config.data_dir, batch_size=config.batch_size,
+                                       seed=config.seed, input_context=input_context,
+                                       deterministic=config.deterministic)
+    arrays = load_arrays(name, data_dir=config.data_dir, seed=config.seed,
+                         synthetic_examples=config.synthetic_examples)
+    return make_datasets(arrays, batch_size=config.batch_size,
+                         validation_split=config.validation_split, seed=config.seed)
 
 
 def load_arrays(name: str, *, data_dir: Optional[str] = None, seed: int = 0,

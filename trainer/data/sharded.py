@@ -277,14 +277,9 @@ def image_parser(*, image_size: int, channels: int, num_classes: int, label_offs
             image_key: tf.io.FixedLenFeature([], tf.string),
             label_key: tf.io.FixedLenFeature([], tf.int64)})
         image = tf.io.decode_image(parsed[image_key], channels=channels, expand_animations=False)
-        label = tf.cast(parsed[label_key] - label_offset, tf.int32)
-        check = tf.debugging.Assert(
-            tf.logical_and(label >= 0, label < num_classes),
-            [f"{RECORD_ERROR}label", label + label_offset, f"outside [{label_offset}, "
-             f"{num_classes + label_offset}) (--num_classes={num_classes}, "
-             f"--label_offset={label_offset})"])
-        with tf.control_dependencies([check]):
-            label = tf.identity(label)
+        label = checked_label(tf.cast(parsed[label_key] - label_offset, tf.int32),
+                              num_classes, label_offset,
+                              f"--num_classes={num_classes}, --label_offset={label_offset}")
         shape = tf.shape(image)
         exact = tf.logical_and(shape[0] == image_size, shape[1] == image_size)
         if seed is None or not augment:
@@ -297,6 +292,17 @@ def image_parser(*, image_size: int, channels: int, num_classes: int, label_offs
         image = tf.ensure_shape(image * (1.0 / 255.0), [image_size, image_size, channels])
         return image, label
     return parse
+
+
+def checked_label(label, num_classes: int, offset: int, hint: str):
+    """``label``, after an in-graph check that it is in ``[0, num_classes)`` (the stored
+    value, ``label + offset``, is what the error names; see :func:`find_bad_record`)."""
+    check = tf.debugging.Assert(
+        tf.logical_and(label >= 0, label < num_classes),
+        [f"{RECORD_ERROR}label", label + offset,
+         f"outside [{offset}, {num_classes + offset}) ({hint})"])
+    with tf.control_dependencies([check]):
+        return tf.identity(label)
 
 
 def _resize_shorter(image, size: int):

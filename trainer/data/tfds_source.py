@@ -1,4 +1,6 @@
-"""``--dataset=tfds:NAME[/CONFIG]``: a prepared TensorFlow Dataset read into memory.
+"""``--dataset=tfds:NAME[/CONFIG]``: a prepared TensorFlow Dataset, read into memory or,
+when its decoded training split would take more than a quarter of the memory available
+(:func:`streams`), streamed from its prepared files like ``tfrecord:`` shards.
 
 Runs never download: the dataset must be prepared (``tfds build``) in ``--data_dir`` or tfds's
 default folder. ``tensorflow_datasets`` is imported only when such a dataset is asked for
@@ -12,7 +14,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from trainer.compat import tf
+from trainer.data import sharded
 from trainer.data.arrays import Arrays, check_targets, target_kind
+from trainer.data.pipelines import to_float
 from trainer.errors import UserError
 
 
@@ -113,3 +118,68 @@ def tfds_shapes(spec: str, data_dir: Optional[str]) -> Tuple[Tuple[int, ...], in
     """
     _, _, shape, num_classes = _tfds_features(spec, tfds_builder(spec, data_dir))
     return shape, num_classes or 0
+
+
+# The line between loading a prepared set into memory and streaming its files: the decoded
+# training split against this share of the memory available when the run starts. The
+# environment variable sets the line in MB instead (0: always stream).
+STREAM_SHARE = 0.25
+STREAM_ABOVE_ENV = "TRAINER_TFDS_STREAM_ABOVE_MB"
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # Unknown: assume a small machine.
+
+
+def streams(spec: str, data_dir: Optional[str]) -> bool:
+    """Whether ``spec``'s decoded training split is too big to hold comfortably in memory."""
+    builder = tfds_builder(spec, data_dir)
+    _, _, shape, _ = _tfds_features(spec, builder)
+    split = builder.info.splits.get("train") if hasattr(builder.info.splits, "get") else None
+    examples = split.num_examples if split is not None else 0
+    decoded = examples * int(np.prod(shape))  # uint8 images, as loaded.
+    limit = os.environ.get(STREAM_ABOVE_ENV)
+    line = float(limit) * 1e6 if limit else STREAM_SHARE * _available_bytes()
+    return decoded > line
+
+
+def stream_tfds(spec: str, data_dir: Optional[str], *, batch_size: int, seed: int,
+                input_context=None, deterministic: bool = True):
+    """The prepared set's 'train' files streamed (``trainer.data.from_files``): its
+    'validation' split, when it has one, is evaluated after each epoch, 'test' at the end."""
+    builder = tfds_builder(spec, data_dir)
+    image_key, label_key, _, num_classes = _tfds_features(spec, builder)
+    known = list(builder.info.splits.keys())
+
+    def files(split):
+        if split not in known:
+            raise UserError(f"--dataset={spec} has no '{split}' split (it has: "
+                            f"{', '.join(known)}); this loader reads 'train' and 'test'")
+        names = builder.info.splits[split].filenames
+        paths = [os.path.join(builder.data_dir, n) for n in names]
+        if not paths or not all(os.path.isfile(p) for p in paths):
+            raise _not_prepared(spec, builder)
+        return paths
+
+    features = builder.info.features
+
+    def parse(record, seed_):
+        del seed_  # No augmentation: the same examples as the in-memory path.
+        example = features.deserialize_example(record)
+        label = tf.cast(example[label_key], tf.int32)
+        if num_classes:
+            label = sharded.checked_label(label, num_classes, 0, "prepare the set again")
+        return to_float(example[image_key]), label
+
+    return sharded.from_files(
+        files("train"), parse=parse, batch_size=batch_size, test=files("test"),
+        validation=files("validation") if "validation" in known else None, seed=seed,
+        num_classes=num_classes or 0, input_context=input_context,
+        deterministic=deterministic, source=builder.data_dir)

@@ -7,9 +7,10 @@ are named ``PREFIX-00000-of-00008``; a ``labels.txt`` beside them lists the clas
 per line, which is where ``--dataset=tfrecord:...`` reads the class count from.
 
 From a folder of images, one sub-folder per class (the class ids follow the sorted folder
-names; JPEG and PNG files are copied as they are, not re-encoded)::
+names; JPEG and PNG files are copied as they are, not re-encoded; 10% held out as
+``shards/validation-*``)::
 
-    python -m trainer.data.write_shards --images=photos/ --out=shards/train --shards=8
+    python -m trainer.data.write_shards --images=photos/ --out=shards --shards=8
 
 From a built-in dataset's arrays (both splits: ``OUT/train-*`` and ``OUT/test-*``, PNG)::
 
@@ -25,6 +26,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from trainer.compat import tf
 from trainer.errors import UserError
 
 IMAGE_KEY = "image/encoded"
@@ -36,7 +38,7 @@ def shard_names(prefix: str, num_shards: int) -> List[str]:
     return [f"{prefix}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
 
 
-def _example(tf, encoded: bytes, image_format: bytes, height: int, width: int, label: int):
+def _example(encoded: bytes, image_format: bytes, height: int, width: int, label: int):
     feature = tf.train.Feature
     return tf.train.Example(features=tf.train.Features(feature={
         IMAGE_KEY: feature(bytes_list=tf.train.BytesList(value=[encoded])),
@@ -60,7 +62,6 @@ def _check_out(prefix: str, num_shards: int) -> List[str]:
 
 def _write(records, paths: Sequence[str]) -> List[str]:
     """Writes records round-robin over ``paths`` (each shard a mix of the whole order)."""
-    from trainer.compat import tf
     writers = [tf.io.TFRecordWriter(p + ".tmp") for p in paths]
     try:
         for i, record in enumerate(records):
@@ -96,7 +97,6 @@ def write_arrays(images: np.ndarray, labels: np.ndarray, prefix: str, *, num_sha
       UserError: for arrays that are not uint8 images with one label each, or shards that
         exist already.
     """
-    from trainer.compat import tf
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
         raise UserError(f"write_arrays needs uint8 images (N, H, W[, C]) and one label each; got "
@@ -111,7 +111,7 @@ def write_arrays(images: np.ndarray, labels: np.ndarray, prefix: str, *, num_sha
 
     def records():
         for image, label in zip(images, labels):
-            yield _example(tf, encode(image).numpy(), image_format.encode(), height, width, label)
+            yield _example(encode(image).numpy(), image_format.encode(), height, width, label)
 
     written = _write(records(), paths)
     classes = class_names or [str(i) for i in range(int(labels.max()) + 1)]
@@ -119,18 +119,23 @@ def write_arrays(images: np.ndarray, labels: np.ndarray, prefix: str, *, num_sha
     return written
 
 
-def write_image_folder(folder: str, prefix: str, *, num_shards: int, seed: int = 0) -> List[str]:
-    """Writes ``folder/CLASS/*.jpg|.jpeg|.png`` as records, in a seeded random order.
+def write_image_folder(folder: str, out: str, *, num_shards: int, validation: float = 0.1,
+                       seed: int = 0) -> List[str]:
+    """Writes ``folder/CLASS/*.jpg|.jpeg|.png`` as ``out/train-*`` and ``out/validation-*``.
 
-    Class ids follow the sorted class folder names. The files' bytes are stored as they are.
+    The images go in a seeded random order; the last ``validation`` fraction of it becomes
+    the validation shards (``max(1, round(num_shards * validation))`` files), which
+    ``--dataset=tfrecord:'OUT/train-*'`` finds by their name. Class ids follow the sorted
+    class folder names (``out/labels.txt``). The files' bytes are stored as they are.
 
     Raises:
       UserError: for a folder without class sub-folders or images, an image that is not JPEG
         or PNG inside, or shards that exist already.
     """
-    from trainer.compat import tf
     if not os.path.isdir(folder):
         raise UserError(f"--images: {folder} is not a folder")
+    if not isinstance(validation, (int, float)) or not 0 <= validation < 1:
+        raise UserError(f"--validation must be in [0, 1), got {validation!r}")
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     files = [(os.path.join(folder, c, f), label) for label, c in enumerate(classes)
              for f in sorted(os.listdir(os.path.join(folder, c)))
@@ -138,12 +143,16 @@ def write_image_folder(folder: str, prefix: str, *, num_shards: int, seed: int =
     if not files:
         raise UserError(f"--images: {folder} holds no class folders with .jpg/.jpeg/.png images "
                         "(expected FOLDER/CLASS/IMAGE.jpg)")
-    paths = _check_out(prefix, num_shards)
-    order = np.random.default_rng(seed).permutation(len(files))  # Shards mix the classes.
+    order = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    held = int(len(order) * validation)
+    splits = [("train", order[:len(order) - held], num_shards)]
+    if held:
+        splits.append(("validation", order[len(order) - held:],
+                       max(1, round(num_shards * validation))))
+    targets = [(_check_out(os.path.join(out, name), shards), part) for name, part, shards in splits]
 
-    def records():
-        for i in order:
-            path, label = files[i]
+    def records(part):
+        for path, label in part:
             with open(path, "rb") as f:
                 encoded = f.read()
             try:
@@ -153,8 +162,10 @@ def write_image_folder(folder: str, prefix: str, *, num_shards: int, seed: int =
                 raise UserError(f"{path} is not a readable JPEG or PNG image; remove it or "
                                 "convert it") from None
             kind = IMAGE_SUFFIXES[os.path.splitext(path)[1].lower()]
-            yield _example(tf, encoded, kind, int(shape[0]), int(shape[1]), label)
+            yield _example(encoded, kind, int(shape[0]), int(shape[1]), label)
 
-    written = _write(records(), paths)
-    _write_labels(os.path.dirname(os.path.abspath(prefix)), classes)
+    written = []
+    for paths, part in targets:
+        written += _write(records(part), paths)
+    _write_labels(out, classes)
     return written
