@@ -208,6 +208,13 @@ class TrainConfig:
         False, "Allow resuming a checkpoint written under another dtype policy.")
     max_consecutive_skips: int = _setting(
         100, "Stop when this many steps in a row are skipped as non-finite (0: never).")
+    recover_trials: int = _setting(
+        0, "When training diverges (a non-finite storm, or the loss above --loss_upper_bound), "
+        "restore the last checkpoint and go on, at most N times (0: stop with an error); "
+        "needs --model_dir.")
+    loss_upper_bound: float = _setting(
+        0.0, "Treat a mean training loss above this (or not finite) as divergence, checked "
+        "after every step loop (0: off).")
     eval_every: int = _setting(0, "Evaluate every N steps (0: at the end of each epoch).")
     best_metric: str = _setting(
         "auto", "Validation metric that picks the best checkpoint kept in --model_dir (auto: "
@@ -276,7 +283,7 @@ class TrainConfig:
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("progress", self.progress, PROGRESS)
         for name in ("checkpoint_every", "max_consecutive_skips", "eval_every", "warmup_steps",
-                     "numerics_every"):
+                     "numerics_every", "recover_trials"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("keep_checkpoints", "grad_accum_steps"):
             _check_int(name, getattr(self, name), minimum=1)
@@ -295,6 +302,15 @@ class TrainConfig:
                 raise ConfigError(
                     f"profile_steps={self.profile_steps} writes its trace into MODEL_DIR/profile; "
                     "pass --model_dir (--profile_steps)")
+        if not _is_number(self.loss_upper_bound) or not 0 <= self.loss_upper_bound <= FLOAT32_MAX:
+            raise ConfigError(
+                f"loss_upper_bound must be a number from 0 (off) to float32's largest, 3.4e38, "
+                f"got {self.loss_upper_bound!r} (--loss_upper_bound)")
+        if self.recover_trials and not self.model_dir:
+            raise ConfigError(
+                f"recover_trials={self.recover_trials} restores the last checkpoint when "
+                "training diverges, so it needs a folder of checkpoints; pass --model_dir "
+                "(--recover_trials)")
         if self.checkpoint_every and not self.model_dir:
             raise ConfigError(
                 f"checkpoint_every={self.checkpoint_every} needs a folder to save into; pass "

@@ -191,6 +191,7 @@ def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, tes
         "step_time_ms": result.step_time_ms,
         "loss_scale": trainer.loss_scale,
         "skipped_steps": int(trainer.skipped_steps.numpy()),
+        "recoveries": result.recoveries,  # --recover_trials: restores after a divergence.
         "global_step": int(trainer.global_step.numpy()),
         "weights_checksum": trainer.weights_checksum(),
         "history": files.history_rows(result.history),

@@ -277,6 +277,17 @@ class Trainer:
             self._train_iterator = iter(self._distribute(dataset))
         return self._train_iterator
 
+    def restart_input(self) -> None:
+        """After a restore into a Trainer that already trained: the next step reads the stream
+        at the restored global step.
+
+        With ``train_from`` (and in-graph input, which gathers each batch at the global step)
+        the position follows from the step, so the iterator is made anew on next use. An
+        iterator saved in the checkpoint was set back by the restore itself and is kept.
+        """
+        if self.datasets.train_from is not None:
+            self._train_iterator = None
+
     def weights_checksum(self) -> float:
         """A float64 sum of every model weight, to compare runs."""
         return float(sum(tf.reduce_sum(tf.cast(w, tf.float64)).numpy() for w in compat.weights(self.model)))
