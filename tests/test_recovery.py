@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -165,3 +168,34 @@ def test_from_a_script_the_blow_up_is_one_error_line_and_recovery_one_warning(tm
     assert recovered.returncode == 0, recovered.stderr
     assert len(lines) == 1 and lines[0].startswith("warning: step 12: "), lines
     assert os.path.exists(tmp_path / "b" / "checkpoints" / "ckpt-32.index")
+
+
+_WORKERS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import trainer
+    from tests.test_recovery import _config, faulty
+    trainer.run(_config(sys.argv[1], recover_trials=1, distribution="multi_worker",
+                        verbose=True), trainer_cls=faulty(at=9, steps=3))
+""")
+WORKER_LINE = re.compile(r"worker (\d)/2[^:]*: global_step (\d+) "
+                         r"weights_checksum (-?\d+\.\d+(?:e[-+]?\d+)?)")
+
+
+def test_two_workers_recover_together(tmp_path):
+    script = tmp_path / "workers.py"
+    script.write_text(_WORKERS.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG",)}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.launch", "--num_workers=2", "--", str(script),
+         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(env, TF_CPP_MIN_LOG_LEVEL="2"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    workers = {int(i): (int(step), checksum) for i, step, checksum in WORKER_LINE.findall(output)}
+    # Both restored step 8 and trained on to the end, in step: the same final weights.
+    assert sorted(workers) == [0, 1] and workers[0] == workers[1], output[-3000:]
+    assert workers[0][0] == 2 * STEPS_PER_EPOCH
+    # Only the chief says so, once.
+    assert len(re.findall(r"warning: step 12: .* restored .*ckpt-8 \(step 8\) and going on",
+                          output)) == 1, output[-3000:]
