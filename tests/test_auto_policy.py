@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, run_cli, small_config, user_stderr_lines
+from trainer import job
 from trainer.compat import keras
 from trainer.config import ConfigError
 from trainer.core.steps import Trainer
@@ -177,6 +178,24 @@ def test_the_chiefs_trial_is_not_part_of_the_job_sequence():
     assert (lockstep._SEQUENCE.count, lockstep._SEQUENCE.digest) == before
     assert steps.broadcast_from_chief(2, name="auto policy") == 2
     assert lockstep._SEQUENCE.count == before[0] + 1  # The broadcast is one collective.
+
+
+def test_auto_on_a_resume_keeps_the_policy_run_json_records_even_an_explicit_one(tmp_path,
+                                                                                capsys):
+    model_dir = str(tmp_path / "run")
+    job.run(small_config(policy="float32", model_dir=model_dir))
+    # No trial: the checkpoints were trained in float32, and a resume keeps their policy.
+    summary = job.run(small_config(policy="auto", model_dir=model_dir, epochs=2, verbose=True))
+    out = capsys.readouterr().out
+    assert f"policy auto: float32, kept from {model_dir}/run.json (no new trial)" in out
+    assert "tried on" not in out
+    assert summary["policy"] == "float32" and summary["global_step"] == 16
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["policy"] == "float32" and saved["policy_auto"] == {"policy": "float32"}
+    # A resume under another explicit policy is a policy change, refused as before.
+    with pytest.raises(UserError, match=r"its policy is 'float32', this run's is "
+                       r"'mixed_bfloat16'.*--allow_policy_change"):
+        job.run(small_config(policy="mixed_bfloat16", model_dir=model_dir, epochs=3))
 
 
 # ---------------------------------------------------------------------- end to end

@@ -26,22 +26,27 @@ def policy_scope(policy: str) -> Iterator[None]:
 
     Layers read the global policy when constructed, so the policy only needs to be in place
     while ``build_model`` runs; restoring it keeps one run from leaking into the next.
-
-    Raises:
-      UserError: ``policy`` is no dtype policy, e.g. 'auto', which only ``trainer.run``
-        resolves (by a trial, before it builds the Trainer).
     """
-    if policy not in POLICY_COMPUTE_DTYPES:
-        raise UserError(
-            f"policy {policy!r} is not a dtype policy: --policy=auto is decided by "
-            "trainer.run before it builds the Trainer; a Trainer built directly takes one of "
-            f"{', '.join(POLICY_COMPUTE_DTYPES)}")
     previous = mixed_precision.global_policy()
     mixed_precision.set_global_policy(policy)
     try:
         yield
     finally:
         mixed_precision.set_global_policy(previous)
+
+
+def check_trainable(policy: str) -> None:
+    """Refuses a policy setting no Trainer can train under as given.
+
+    Raises:
+      UserError: ``policy`` is 'auto' (or anything but POLICY_COMPUTE_DTYPES' keys): only
+        ``trainer.run`` resolves 'auto', by a trial before it builds the Trainer.
+    """
+    if policy not in POLICY_COMPUTE_DTYPES:
+        raise UserError(
+            f"policy {policy!r} is not a dtype policy: --policy=auto is decided by "
+            "trainer.run before it builds the Trainer; a Trainer built directly takes one of "
+            f"{', '.join(POLICY_COMPUTE_DTYPES)}")
 
 
 def output_names(model: keras.Model, count: int) -> List[str]:

@@ -71,12 +71,14 @@ class Trainer:
       strategy: a ``tf.distribute`` strategy; the default (no-op) strategy when None.
 
     Raises:
-      UserError: ``grad_accum_steps`` does not divide the per-replica batch, the model's
+      UserError: ``config.policy`` is 'auto' (``trainer.run`` resolves it),
+        ``grad_accum_steps`` does not divide the per-replica batch, the model's
         output is not float32 under a mixed policy, or ``build_datasets`` returned a
         ``train`` and ``train_from`` that disagree.
     """
 
     def __init__(self, config: TrainConfig, *, strategy: Optional[tf.distribute.Strategy] = None):
+        precision.check_trainable(config.policy)
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         contracts.check_accumulation(config, self.strategy.num_replicas_in_sync)
