@@ -135,6 +135,21 @@ def test_a_model_that_overflows_in_float16_never_gets_it_even_when_fastest():
     assert control.policy == "mixed_float16"
 
 
+def test_a_candidate_whose_trial_diverges_is_shown_and_never_chosen():
+    # float16 overflows at every step: two skips in a row stop its step loop (the storm
+    # check), during the untimed first call, so its first timed call runs no step at all.
+    config = small_config(policy="auto", max_consecutive_skips=2, loss_scale=1.0)
+    decision = PolicyTrial(config, device=CPU, trainer_cls=Overflowing,
+                           candidates=_all_three(), min_budget_s=1.0).run()
+    rows = {row["policy"]: row for row in decision.rows()}
+    assert rows["mixed_float16"]["ms_per_step"] is None  # Calls of 0 steps are no speed.
+    assert rows["mixed_float16"]["why"] == (
+        "diverged in the trial: stopped at step 2 with 2 non-finite steps skipped: never "
+        "chosen")
+    assert rows["float32"]["ms_per_step"] and rows["mixed_bfloat16"]["ms_per_step"]
+    assert decision.policy in ("float32", "mixed_bfloat16")
+
+
 def test_the_trial_stops_within_its_budget_and_says_what_it_cost():
     ticks = itertools.count()
 

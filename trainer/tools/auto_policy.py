@@ -59,6 +59,10 @@ CHUNK_STEPS = 10  # Steps per timed call (fewer when --steps_per_loop is smaller
 CLEAR_MARGIN = 1.10
 
 
+class TrialStopped(Exception):
+    """A candidate's step loop stopped early in the trial (a non-finite storm)."""
+
+
 @dataclasses.dataclass
 class Candidate:
     """One policy of the trial and what was measured.
@@ -66,6 +70,8 @@ class Candidate:
     Attributes:
       policy: the dtype policy.
       skipped: why it was not tried ('' when it was).
+      failed: why its trial stopped part-way ('' when it did not), e.g. non-finite steps
+        until the dynamic loss scale reached its floor.
       numerics: 'reference' (float32), 'OK', 'FLAGGED', or '' when not inspected.
       flagged_layers: the layers the inspector flagged.
       seconds: wall time of each timed call.
@@ -74,6 +80,7 @@ class Candidate:
 
     policy: str
     skipped: str = ""
+    failed: str = ""
     numerics: str = ""
     flagged_layers: Tuple[str, ...] = ()
     seconds: List[float] = dataclasses.field(default_factory=list)
@@ -81,8 +88,8 @@ class Candidate:
 
     @property
     def passed(self) -> bool:
-        """Whether the policy may be chosen: tried, and float32 or inspected OK."""
-        return not self.skipped and self.numerics in ("reference", "OK")
+        """Whether the policy may be chosen: tried to the end, and float32 or inspected OK."""
+        return not self.skipped and not self.failed and self.numerics in ("reference", "OK")
 
     @property
     def ms_per_step(self) -> Optional[float]:
@@ -150,6 +157,8 @@ def reasons(candidates: Sequence[Candidate], chosen: str,
         ms = c.ms_per_step
         if c.skipped:
             why[c.policy] = c.skipped
+        elif c.failed:
+            why[c.policy] = f"{c.failed}: never chosen"
         elif not c.passed:
             layers = ", ".join(repr(name) for name in c.flagged_layers)
             lead = "fastest, but " if ms is not None and ms == fastest else ""
@@ -253,11 +262,23 @@ class PolicyTrial:
 
     def time_call(self, trainer: Trainer) -> float:
         """Seconds for one call of ``self.steps`` train steps (the step counter is read back,
-        which waits for the device)."""
+        which waits for the device).
+
+        Raises:
+          TrialStopped: the call ran fewer steps: the step loop's storm check stopped it
+            (``--max_consecutive_skips``, or a skip with the dynamic loss scale at its floor),
+            and its time means nothing.
+        """
+        before = int(trainer.global_step.numpy())
         start = self.clock()
         trainer.train_steps(self.steps)
-        int(trainer.global_step.numpy())
-        return self.clock() - start
+        ran = int(trainer.global_step.numpy()) - before
+        seconds = self.clock() - start
+        if ran < self.steps:
+            raise TrialStopped(
+                f"diverged in the trial: stopped at step {before + ran} with "
+                f"{int(trainer.skipped_steps.numpy())} non-finite steps skipped")
+        return seconds
 
     def _prepare(self, candidate: Candidate, initial: Optional[list]):
         """Builds the candidate's Trainer from the shared weights, inspects it, traces its
@@ -297,10 +318,14 @@ class PolicyTrial:
                     str(error.message).strip().splitlines() or [""])[0][:100]
         timed = [c for c in self.candidates if c.policy in trainers]
         budget, rounds = self.min_budget_s, 0
-        while rounds < MAX_ROUNDS:
+        while rounds < MAX_ROUNDS and timed:
             round_start = self.clock()
-            for candidate in timed:
-                candidate.seconds.append(self.time_call(trainers[candidate.policy]))
+            for candidate in list(timed):
+                try:
+                    candidate.seconds.append(self.time_call(trainers[candidate.policy]))
+                except TrialStopped as error:
+                    candidate.failed, candidate.seconds = str(error), []
+                    timed.remove(candidate)
             rounds += 1
             now = self.clock()
             budget = self._budget()
@@ -312,7 +337,16 @@ class PolicyTrial:
                 break
         trainers.clear()
         gc.collect()  # The trial's models and optimizers go before the run's are built.
-        return Decision(policy=choose(self.candidates), candidates=self.candidates,
+        try:
+            policy = choose(self.candidates)
+        except ValueError:
+            raise UserError(
+                "--policy=auto: no policy trained through its trial ("
+                + "; ".join(f"{c.policy}: {c.failed or c.skipped or c.numerics}"
+                            for c in self.candidates)
+                + "); the model diverges from the start: lower --learning_rate, set "
+                "--clip_norm, or check the data for NaN/Inf") from None
+        return Decision(policy=policy, candidates=self.candidates,
                         device=self.device, trial_seconds=self.clock() - start,
                         budget_seconds=budget, rounds=rounds)
 
