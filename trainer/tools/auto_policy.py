@@ -57,6 +57,8 @@ MIN_TIMED_S = 1.0
 CHUNK_STEPS = 10  # Steps per timed call (fewer when --steps_per_loop is smaller).
 # The fastest passing candidate must lead the next by this much before the trial stops early.
 CLEAR_MARGIN = 1.10
+# What follows the last round (freeing the trial's models) is kept inside the budget too.
+END_ALLOWANCE_S = 0.5
 
 
 class TrialStopped(Exception):
@@ -331,7 +333,7 @@ class PolicyTrial:
             budget = self._budget()
             if rounds < MIN_ROUNDS:
                 continue
-            if now - start + (now - round_start) > budget:
+            if now - start + (now - round_start) + END_ALLOWANCE_S > budget:
                 break  # The next round would end after the budget.
             if self._clear(timed) and all(sum(c.seconds) >= MIN_TIMED_S for c in timed):
                 break
