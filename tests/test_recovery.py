@@ -24,6 +24,7 @@ from trainer.compat import tf
 from trainer.config import ConfigError
 from trainer.core.steps import Trainer
 from trainer.errors import TrainingStopped
+from trainer.loop import fit_loop
 
 STEPS_PER_EPOCH = 16  # 512 synthetic examples, batch 32.
 
@@ -136,6 +137,15 @@ def test_a_blow_up_that_recurs_spends_the_trials_then_stops(tmp_path, capsys):
     assert len(warnings) == 2
     assert all("ckpt-0 (step 0) and going on" in line for line in warnings)
     assert warnings[1].endswith("recovery 2 of 2 (--recover_trials)")
+
+
+def test_a_loop_without_checkpoints_stops_as_before(tmp_path):
+    # fit() without a checkpointer (as each policy of --compare_policies trains) has nothing
+    # to go back to: the config's recover_trials does not apply there.
+    trainer = faulty(at=2, steps=10 ** 6)(_config(tmp_path / "a", recover_trials=2))
+    with pytest.raises(TrainingStopped, match=r"^training stopped at step 5: .*; no checkpoint "
+                                              r"was saved\."):
+        fit_loop.fit(trainer)
 
 
 def test_recovery_settings_are_checked():

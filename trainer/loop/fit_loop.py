@@ -1,5 +1,6 @@
 """The standard training run, :func:`fit`: epochs, evaluation, checkpoints, TensorBoard,
-progress and the stop checks (preemption, non-finite storms), as periodic actions of a
+progress and the stop checks (preemption, non-finite storms, and with ``--recover_trials`` the
+recovery from a checkpoint), as periodic actions of a
 :class:`~trainer.loop.controller.Controller`.
 """
 
@@ -140,7 +141,8 @@ class FitLoop:
         config's).
       recover_trials: how often a divergence (a non-finite storm, or a mean training loss
         above ``config.loss_upper_bound``) restores the newest checkpoint and goes on before
-        the run stops with TrainingStopped (default: the config's; needs ``checkpointer``).
+        the run stops with TrainingStopped (default: the config's with a ``checkpointer``,
+        else 0).
       clock: seconds as a float (injectable for tests).
     """
 
@@ -152,9 +154,14 @@ class FitLoop:
                  best_metric: Optional[str] = None, recover_trials: Optional[int] = None,
                  clock: Callable[[], float] = time.perf_counter):
         config = trainer.config
-        self.recover_trials = config.recover_trials if recover_trials is None else recover_trials
-        if self.recover_trials and checkpointer is None:
-            raise ValueError("recover_trials restores checkpoints: pass a checkpointer")
+        if recover_trials is None:
+            # The config's, where there are checkpoints to go back to: a loop without them
+            # (e.g. each policy of --compare_policies) stops at a divergence as before.
+            recover_trials = config.recover_trials if checkpointer is not None else 0
+        if recover_trials and checkpointer is None:
+            raise ValueError(f"recover_trials={recover_trials} restores checkpoints: pass a "
+                             "checkpointer")
+        self.recover_trials = recover_trials
         self.recoveries = 0
         self.best_metric = best_metric or config.best_metric
         self.trainer = trainer
