@@ -209,7 +209,7 @@ def test_help_lists_models_with_their_arguments():
             for p in params if p.name not in ("input_shape", "num_classes"))
         assert f"{name}: {shown}" in text, name
     assert "fashion_mnist, mnist, synthetic, tfds:NAME[/CONFIG]" in text
-    assert "--policy: <float32|mixed_bfloat16|mixed_float16>" in text
+    assert "--policy: <float32|mixed_bfloat16|mixed_float16|auto>" in text
     for name in trainer_flags.flag_names():  # --help (not only --helpfull) shows every flag.
         assert re.search(rf"^\s+--(\[no\])?{name}: ", proc.stdout, re.M), name
 
@@ -272,7 +272,7 @@ def test_installed_package_imports_from_any_folder(tmp_path):
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.splitlines() == [
         "error: flag --policy=float16: value should be one of "
-        "<float32|mixed_bfloat16|mixed_float16>; see --helpfull for the flags"]
+        "<float32|mixed_bfloat16|mixed_float16|auto>; see --helpfull for the flags"]
 
 
 def test_a_built_wheel_holds_every_subpackage_and_imports(tmp_path):

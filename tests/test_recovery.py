@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from tests.conftest import ROOT, run_cli, small_config, user_stderr_lines
@@ -61,10 +60,6 @@ def faulty(base=Trainer, *, at: int, steps: int, factor: float = float("nan"), i
                 return loss * tf.where(hit, tf.constant(factor, loss.dtype), 1.0)
 
     return Faulty
-
-
-def _weights(summary_or_trainer):
-    return summary_or_trainer["weights_checksum"]
 
 
 @pytest.mark.parametrize("inputs", ["in_graph", "tf.data", "saved iterator"])
