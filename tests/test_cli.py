@@ -25,8 +25,8 @@ from test_data import write_idx_folder
 from trainer import registry
 from trainer.cli import config_flags as trainer_flags
 from trainer.compat import tf
-from trainer.config import (DEVICES, DISTRIBUTIONS, OPTIMIZERS, POLICIES, PROGRESS, SCHEDULES,
-                            TrainConfig)
+from trainer.config import (DEVICES, DISTRIBUTIONS, OPTIMIZERS, POLICY_SETTINGS, PROGRESS,
+                            SCHEDULES, TrainConfig)
 
 # --device=cpu: where Habana's bridge is installed (the TF 2.15 lane) 'auto' adds a warning
 # line; the cases about devices give their own --device after it, which wins.
@@ -169,11 +169,13 @@ def test_every_config_field_is_a_flag_and_reaches_the_config(tmp_path):
             value = (not default) if isinstance(default, bool) else default + 1
         text = value.format(tmp=tmp_path) if isinstance(value, str) else value
         argv = ["run.py", f"--{name}={text}"]
-        if name in ("checkpoint_every", "profile_steps", "numerics_every"):
+        if name in ("checkpoint_every", "profile_steps", "numerics_every", "recover_trials"):
             argv.append(f"--model_dir={tmp_path}/run")  # They need a folder to write into.
         if name in ("eval_data", "image_size", "num_classes", "label_offset", "augment",
                     "parallel_calls"):
             argv.append(f"--dataset=tfrecord:{tmp_path}/train-*")  # Only for record files.
+        if name == "dry_run":
+            argv.append("--policy=auto")  # It shows the decision of --policy=auto.
         flag_values.unparse_flags()
         flag_values(argv)
         config = trainer_flags.config_from_flags(flag_values)
@@ -185,7 +187,7 @@ def test_every_config_field_is_a_flag_and_reaches_the_config(tmp_path):
 def test_enum_flags_come_from_the_config_lists():
     flag_values = flags.FlagValues()
     trainer_flags.define_flags(flag_values)
-    for name, choices in (("policy", POLICIES), ("device", DEVICES), ("optimizer", OPTIMIZERS),
+    for name, choices in (("policy", POLICY_SETTINGS), ("device", DEVICES), ("optimizer", OPTIMIZERS),
                           ("lr_schedule", SCHEDULES), ("distribution", DISTRIBUTIONS),
                           ("progress", PROGRESS)):
         assert flag_values[name].parser.enum_values == list(choices), name
@@ -210,7 +212,7 @@ def test_help_lists_models_with_their_arguments():
             for p in params if p.name not in ("input_shape", "num_classes"))
         assert f"{name}: {shown}" in text, name
     assert "fashion_mnist, mnist, synthetic, tfds:NAME[/CONFIG]" in text
-    assert "--policy: <float32|mixed_bfloat16|mixed_float16>" in text
+    assert "--policy: <float32|mixed_bfloat16|mixed_float16|auto>" in text
     for name in trainer_flags.flag_names():  # --help (not only --helpfull) shows every flag.
         assert re.search(rf"^\s+--(\[no\])?{name}: ", proc.stdout, re.M), name
 
@@ -273,7 +275,7 @@ def test_installed_package_imports_from_any_folder(tmp_path):
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.splitlines() == [
         "error: flag --policy=float16: value should be one of "
-        "<float32|mixed_bfloat16|mixed_float16>; see --helpfull for the flags"]
+        "<float32|mixed_bfloat16|mixed_float16|auto>; see --helpfull for the flags"]
 
 
 def test_a_built_wheel_holds_every_subpackage_and_imports(tmp_path):

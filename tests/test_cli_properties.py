@@ -115,6 +115,10 @@ FLAG_VALUES = {
     "deterministic": st.booleans(),
     "allow_policy_change": st.booleans(),
     "max_consecutive_skips": _any_int(),
+    "recover_trials": _any_int(),
+    # --policy=auto runs a timed trial (tests/test_auto_policy.py); here only its refusals.
+    "dry_run": st.booleans(),
+    "loss_upper_bound": _FLOAT,
     "eval_every": _any_int(),
     "best_metric": _choice("accuracy", "loss", "val_accuracy"),
     "grad_accum_steps": _size([1, 2, 3, 32]),

@@ -43,6 +43,7 @@ EXPECT = {
     "--audit": r"^audit OK: model .cnn. under mixed_bfloat16",
     "--numerics": r"^numerics (OK|FLAGGED): model .cnn. under mixed_bfloat16",
     "--compare_policies": r"^wrote runs/cmp/comparison.json",
+    "--dry_run": r"^policy auto: would train (float32|mixed_bfloat16|mixed_float16) ",
     "configs/compare_": r"^wrote runs/compare_\w+/comparison.json",
     "saved_model_cli": r"serving_default|outputs\['",
     "write_shards": r"^wrote \d+ files \([\d.]+ MB\)",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence, Type
+from typing import Optional, Sequence, Type
 
 from trainer import compat, registry
 from trainer.config import TrainConfig
@@ -17,7 +17,7 @@ from trainer.outputs import checkpoint, console, export, files
 from trainer.outputs.summaries import SummaryWriter
 from trainer.runtime import devices, distribution
 from trainer.runtime.lockstep import Lockstep, check_restored_steps
-from trainer.tools import numerics
+from trainer.tools import auto_policy, numerics
 
 
 def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
@@ -49,10 +49,15 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
     devices.check_jit_compile(device, config.jit_compile)  # 'auto' may have picked Gaudi.
     cluster = distribution.setup(config, device)
     steps = Lockstep.of(cluster)
+    auto = None
+    if config.policy == "auto":  # A trial on the chief (or run.json's choice), for every worker.
+        config, auto = auto_policy.resolve(config, device=device, lockstep=steps,
+                                           trainer_cls=trainer_cls)
     trainer = trainer_cls(config, strategy=cluster.strategy)
     best_metric = _best_metric(config, trainer)
     verbose = config.verbose
-    checkpointer = _resume(config, trainer, steps, verbose) if config.model_dir else None
+    checkpointer = _resume(config, trainer, steps, verbose, auto=auto) \
+        if config.model_dir else None
     trainer.mark_reads()
     with steps.chief_only() as chief:
         if chief and verbose:
@@ -141,13 +146,20 @@ def _check_finite_end(trainer: Trainer, test: dict, checkpointer) -> None:
         "check the data for NaN/Inf")
 
 
-def _resume(config: TrainConfig, trainer: Trainer, steps: Lockstep, verbose: bool):
+def _resume(config: TrainConfig, trainer: Trainer, steps: Lockstep, verbose: bool, *,
+            auto: Optional[dict] = None):
     """Checks ``config.model_dir`` belongs to this run, restores its newest checkpoint.
+
+    Args:
+      auto: the ``--policy=auto`` decision, recorded in run.json (``policy_auto``) so that a
+        resume keeps the policy without a new trial.
 
     Returns:
       The Checkpointer that saves into it.
     """
     signature = checkpoint.run_signature(trainer)
+    if auto is not None:
+        signature["policy_auto"] = auto
     checkpoint.check_compatible(config.model_dir, signature,
                                 allow_policy_change=config.allow_policy_change)
     checkpointer = checkpoint.Checkpointer(trainer, model_dir=config.model_dir,
@@ -193,6 +205,7 @@ def _summary(config: TrainConfig, trainer: Trainer, device, cluster, result, tes
         "step_time_ms": result.step_time_ms,
         "loss_scale": trainer.loss_scale,
         "skipped_steps": int(trainer.skipped_steps.numpy()),
+        "recoveries": result.recoveries,  # --recover_trials: restores after a divergence.
         "global_step": int(trainer.global_step.numpy()),
         "weights_checksum": trainer.weights_checksum(),
         # What continuing the input cost: bytes read from after the resume to the end of the

@@ -78,13 +78,16 @@ def _run(argv: List[str]) -> int:
 
 
 def run_config(config: TrainConfig) -> int:
-    """What the command line does with a config: the audit, the numerics inspector, a policy
-    comparison, or a training job (:func:`trainer.job.run`). Returns the exit status."""
+    """What the command line does with a config: the ``--policy=auto`` trial alone
+    (``--dry_run``), the audit, the numerics inspector, a policy comparison, or a training job
+    (:func:`trainer.job.run`). Returns the exit status."""
     # Here, not at the top: each imports TensorFlow, and --help and flag errors must not.
     from trainer import job
     from trainer.runtime import distribution
-    from trainer.tools import audit, compare, numerics
+    from trainer.tools import audit, auto_policy, compare, numerics
 
+    if config.dry_run:
+        return auto_policy.run(config)
     if config.audit:
         return audit.run(config)
     if config.numerics:

@@ -35,6 +35,20 @@ def policy_scope(policy: str) -> Iterator[None]:
         mixed_precision.set_global_policy(previous)
 
 
+def check_trainable(policy: str) -> None:
+    """Refuses a policy setting no Trainer can train under as given.
+
+    Raises:
+      UserError: ``policy`` is 'auto' (or anything but POLICY_COMPUTE_DTYPES' keys): only
+        ``trainer.run`` resolves 'auto', by a trial before it builds the Trainer.
+    """
+    if policy not in POLICY_COMPUTE_DTYPES:
+        raise UserError(
+            f"policy {policy!r} is not a dtype policy: --policy=auto is decided by "
+            "trainer.run before it builds the Trainer; a Trainer built directly takes one of "
+            f"{', '.join(POLICY_COMPUTE_DTYPES)}")
+
+
 def output_names(model: keras.Model, count: int) -> List[str]:
     """A readable name per model output: the producing layer for functional models."""
     names = list(getattr(model, "output_names", None) or [])

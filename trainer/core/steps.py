@@ -73,12 +73,14 @@ class Trainer:
       strategy: a ``tf.distribute`` strategy; the default (no-op) strategy when None.
 
     Raises:
-      UserError: ``grad_accum_steps`` does not divide the per-replica batch, the model's
+      UserError: ``config.policy`` is 'auto' (``trainer.run`` resolves it),
+        ``grad_accum_steps`` does not divide the per-replica batch, the model's
         output is not float32 under a mixed policy, or ``build_datasets`` returned a
         ``train`` and ``train_from`` that disagree.
     """
 
     def __init__(self, config: TrainConfig, *, strategy: Optional[tf.distribute.Strategy] = None):
+        precision.check_trainable(config.policy)
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         contracts.check_accumulation(config, self.strategy.num_replicas_in_sync)
@@ -313,6 +315,18 @@ class Trainer:
         iterator = self._iterate(self.datasets.train)
         tf.train.Checkpoint(iterator=iterator).restore(path).assert_consumed()
         self._train_iterator = iterator
+
+    def restart_input(self) -> None:
+        """After a restore into a Trainer that already trained: the next step reads the stream
+        at the restored global step.
+
+        With ``train_from`` (and in-graph input, which gathers each batch at the global step)
+        the position follows from the step, so the iterator is made anew on next use. An
+        iterator whose state the checkpoint saved (:attr:`saves_input_state`) was set back by
+        the restore itself (``Checkpointer``, via :meth:`restore_input`) and is kept.
+        """
+        if self.datasets.train_from is not None and not self.saves_input_state:
+            self._train_iterator = None
 
     def weights_checksum(self) -> float:
         """A float64 sum of every model weight, to compare runs."""

@@ -5,7 +5,7 @@ compiled step loop does *what*.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from trainer.core.steps import Trainer
 from trainer.loop.actions import PeriodicAction
@@ -45,14 +45,17 @@ class Controller:
       actions: called after every loop with (global step, clock reading).
       should_stop: polled after every loop; True ends training early (e.g. preemption).
       after_loop: called with the global step right after every loop, before the actions
-        (a check that may raise, e.g. a non-finite storm, so no action saves its state).
+        (a check that may raise, e.g. a non-finite storm, so no action saves its state). It
+        returns True when it rewound the trainer to an earlier step (a recovery from a
+        checkpoint): then no action runs for the abandoned loop and training goes on from
+        the restored step.
       clock: seconds as a float (injectable for tests).
     """
 
     def __init__(self, *, trainer: Trainer, total_steps: int, steps_per_loop: int,
                  actions: Sequence[PeriodicAction] = (),
                  should_stop: Callable[[], bool] = lambda: False,
-                 after_loop: Callable[[int], None] = lambda step: None,
+                 after_loop: Callable[[int], Optional[bool]] = lambda step: None,
                  clock: Callable[[], float] = time.perf_counter):
         self.trainer = trainer
         self.after_loop = after_loop
@@ -77,16 +80,18 @@ class Controller:
             self.trainer.train_steps(n)
             before, step = step, int(self.trainer.global_step.numpy())  # Waits for the device.
             self.timer.add(step - before, self.clock() - start)  # A storm may end it early.
-            self.after_loop(step)
-            if step == before:
-                # The step loop's own stop condition held before its first step, and the
-                # check above did not explain why: looping again would never end.
-                raise RuntimeError(
-                    f"a step loop of {n} steps ran none at step {step}; the Trainer's stop "
-                    "condition and the loop's after_loop check disagree")
-            now = self.clock()
-            for action in self.actions:
-                action(step, now)
+            if self.after_loop(step):
+                step = int(self.trainer.global_step.numpy())  # Rewound: go on from there.
+            else:
+                if step == before:
+                    # The step loop's own stop condition held before its first step, and the
+                    # check above did not explain why: looping again would never end.
+                    raise RuntimeError(
+                        f"a step loop of {n} steps ran none at step {step}; the Trainer's "
+                        "stop condition and the loop's after_loop check disagree")
+                now = self.clock()
+                for action in self.actions:
+                    action(step, now)
             if self.should_stop():
                 return False
         return True

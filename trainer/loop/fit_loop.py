@@ -1,11 +1,13 @@
 """The standard training run, :func:`fit`: epochs, evaluation, checkpoints, TensorBoard,
-progress and the stop checks (preemption, non-finite storms), as periodic actions of a
+progress and the stop checks (preemption, non-finite storms, and with ``--recover_trials`` the
+recovery from a checkpoint), as periodic actions of a
 :class:`~trainer.loop.controller.Controller`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -14,7 +16,7 @@ from trainer.core.steps import Trainer
 from trainer.errors import TrainingStopped, warn
 from trainer.loop.actions import PeriodicAction
 from trainer.loop.controller import Controller
-from trainer.runtime.lockstep import Lockstep
+from trainer.runtime.lockstep import Lockstep, check_restored_steps
 
 
 @dataclasses.dataclass
@@ -43,40 +45,71 @@ class FitResult:
     step_time_ms: float
     examples_per_sec: float
     stopped_by: Optional[str] = None  # The signal that preempted the run, if one did.
+    recoveries: int = 0  # Restores of the last checkpoint after a divergence (--recover_trials).
 
 
 # Above this share of step time spent waiting for input, a run is input-bound: said once.
 INPUT_BOUND = 0.2
 
 
-def check_non_finite(trainer: Trainer, max_consecutive_skips: int, *,
-                     has_checkpoint: bool = False) -> None:
-    """Raises TrainingStopped when skipping non-finite steps no longer helps.
+def storm_reason(trainer: Trainer, max_consecutive_skips: int) -> str:
+    """Why skipping non-finite steps no longer helps ('' while it still does).
 
     Under every loss-scale mode: ``max_consecutive_skips`` skipped steps in a row (0: no
     limit). Under a dynamic scale also: a skipped step with the scale at its floor (1). The
     Trainer's step loop stops at exactly the step where either became true (the same test,
-    ``Trainer._storm``), so the step named here is that step.
+    ``Trainer._storm``). Both counts are equal on every worker (the gradients were
+    all-reduced before the finiteness check), so every worker gets the same answer.
+    """
+    consecutive = int(trainer.consecutive_skips.numpy())
+    if max_consecutive_skips and consecutive >= max_consecutive_skips:
+        return (f"the last {consecutive} steps in a row had non-finite gradients and were "
+                f"skipped (--max_consecutive_skips={max_consecutive_skips})")
+    if trainer.loss_scaler.dynamic and consecutive and trainer.loss_scale <= 1.0:
+        return "gradients are non-finite with the loss scale at its floor (1)"
+    return ""
+
+
+def loss_bound_reason(loss: float, bound: float) -> str:
+    """Why a mean training loss counts as divergence under ``--loss_upper_bound`` ('' if not).
+
+    A NaN loss compares False with everything, so it is named explicitly rather than let
+    through by ``loss > bound``.
+    """
+    if not bound:
+        return ""
+    if not math.isfinite(loss):
+        return f"the mean training loss is {loss} (--loss_upper_bound={bound:g})"
+    if loss > bound:
+        return f"the mean training loss {loss:.6g} is above --loss_upper_bound={bound:g}"
+    return ""
+
+
+def _stopped(trainer: Trainer, why: str, *, has_checkpoint: bool, recoveries: int = 0) -> \
+        TrainingStopped:
+    step = int(trainer.global_step.numpy())
+    kept = (f"the last good checkpoint in {trainer.config.model_dir} is kept" if has_checkpoint
+            else "no checkpoint was saved")
+    tried = (f"; {recoveries} recoveries from the last checkpoint did not help "
+             f"(--recover_trials={trainer.config.recover_trials})" if recoveries else "")
+    return TrainingStopped(
+        f"training stopped at step {step}: {why} ({int(trainer.skipped_steps.numpy())} skipped "
+        f"in all){tried}; {kept}. The model diverges: lower --learning_rate, set --clip_norm, "
+        "or check the data for NaN/Inf")
+
+
+def check_non_finite(trainer: Trainer, max_consecutive_skips: int, *,
+                     has_checkpoint: bool = False) -> None:
+    """Raises TrainingStopped when skipping non-finite steps no longer helps (see
+    :func:`storm_reason`), naming the step the Trainer's step loop stopped at.
 
     Args:
       has_checkpoint: whether a checkpoint from before the storm exists in
         ``config.model_dir``; the message promises one only then.
     """
-    consecutive = int(trainer.consecutive_skips.numpy())
-    step = int(trainer.global_step.numpy())
-    if max_consecutive_skips and consecutive >= max_consecutive_skips:
-        why = (f"the last {consecutive} steps in a row had non-finite gradients and were skipped "
-               f"(--max_consecutive_skips={max_consecutive_skips})")
-    elif trainer.loss_scaler.dynamic and consecutive and trainer.loss_scale <= 1.0:
-        why = "gradients are non-finite with the loss scale at its floor (1)"
-    else:
-        return
-    kept = (f"the last good checkpoint in {trainer.config.model_dir} is kept" if has_checkpoint
-            else "no checkpoint was saved")
-    raise TrainingStopped(
-        f"training stopped at step {step}: {why} ({int(trainer.skipped_steps.numpy())} skipped "
-        f"in all); {kept}. The model diverges: lower --learning_rate, set --clip_norm, or check "
-        "the data for NaN/Inf")
+    why = storm_reason(trainer, max_consecutive_skips)
+    if why:
+        raise _stopped(trainer, why, has_checkpoint=has_checkpoint)
 
 
 def log_interval(trainer: Trainer) -> int:
@@ -113,6 +146,10 @@ class FitLoop:
         workers vote on it after every step loop.
       best_metric: the validation metric that picks the best checkpoint (default: the
         config's).
+      recover_trials: how often a divergence (a non-finite storm, or a mean training loss
+        above ``config.loss_upper_bound``) restores the newest checkpoint and goes on before
+        the run stops with TrainingStopped (default: the config's with a ``checkpointer``,
+        else 0).
       clock: seconds as a float (injectable for tests).
     """
 
@@ -121,9 +158,18 @@ class FitLoop:
                  on_log: Optional[Callable[[EpochLog], None]] = None, checkpointer=None,
                  summaries=None, progress=None, extra_actions: Sequence[PeriodicAction] = (),
                  should_stop: Optional[Callable[[], Optional[str]]] = None,
-                 best_metric: Optional[str] = None,
+                 best_metric: Optional[str] = None, recover_trials: Optional[int] = None,
                  clock: Callable[[], float] = time.perf_counter):
         config = trainer.config
+        if recover_trials is None:
+            # The config's, where there are checkpoints to go back to: a loop without them
+            # (e.g. each policy of --compare_policies) stops at a divergence as before.
+            recover_trials = config.recover_trials if checkpointer is not None else 0
+        if recover_trials and checkpointer is None:
+            raise ValueError(f"recover_trials={recover_trials} restores checkpoints: pass a "
+                             "checkpointer")
+        self.recover_trials = recover_trials
+        self.recoveries = 0
         self.best_metric = best_metric or config.best_metric
         self.trainer = trainer
         self.lockstep = lockstep or Lockstep(strategy=trainer.strategy)
@@ -152,11 +198,15 @@ class FitLoop:
         self.controller = Controller(
             trainer=trainer, total_steps=self.total_steps,
             steps_per_loop=config.steps_per_loop if steps_per_loop is None else steps_per_loop,
-            actions=actions, should_stop=self._stop_requested, after_loop=self._check_storm,
+            actions=actions, should_stop=self._stop_requested, after_loop=self._check_divergence,
             clock=clock)
 
     def run(self) -> FitResult:
         """Trains to the final step (or until stopped); saves and evaluates the end state."""
+        if self.recover_trials and self.checkpointer.last_saved_step is None:
+            # A divergence before the first periodic save still has a state to go back to.
+            # Decided from shared values (the config, last_saved_step): every worker saves.
+            self.checkpointer.save()
         finished = self.controller.run()
         step = int(self.trainer.global_step.numpy())
         logged = self.history[-1].global_step if self.history else None
@@ -176,7 +226,8 @@ class FitLoop:
             if timer.steady_steps else 0.0,
             examples_per_sec=(timer.steady_steps * batch / timer.steady_seconds
                               if timer.steady_seconds else 0.0),
-            stopped_by=None if finished else (self.stopped_by or "stop"))
+            stopped_by=None if finished else (self.stopped_by or "stop"),
+            recoveries=self.recoveries)
 
     # ------------------------------------------------------------------ actions
 
@@ -239,11 +290,57 @@ class FitLoop:
         del step, now
         self.checkpointer.save()
 
-    def _check_storm(self, step: int) -> None:
-        del step
+    def _check_divergence(self, step: int) -> bool:
+        """After every step loop: a storm or a loss above the bound recovers or stops the run.
+
+        Every input to the decision is shared by all workers (the skip counters and loss scale
+        follow the all-reduced gradients, the loss is a reduced metric, the recovery count and
+        ``last_saved_step`` change on all of them alike), so they all recover, or all stop,
+        together.
+
+        Returns:
+          True when the state was rewound to a checkpoint (the controller then re-reads the
+          global step and runs no action for the abandoned steps).
+
+        Raises:
+          TrainingStopped: divergence with no recovery left.
+        """
+        config = self.trainer.config
+        why = storm_reason(self.trainer, config.max_consecutive_skips)
+        if not why and config.loss_upper_bound:
+            # A collective read of the training loss, on every worker after every loop: the
+            # mean since the last log line (metrics are reset there and restored with a
+            # checkpoint).
+            why = loss_bound_reason(self.trainer.train_results()["loss"],
+                                    config.loss_upper_bound)
+        if not why:
+            return False
         saved = self.checkpointer is not None and self.checkpointer.last_saved_step is not None
-        check_non_finite(self.trainer, self.trainer.config.max_consecutive_skips,
-                         has_checkpoint=saved)
+        if self.recoveries >= self.recover_trials or not saved:
+            raise _stopped(self.trainer, why, has_checkpoint=saved, recoveries=self.recoveries)
+        self._recover(step, why)
+        return True
+
+    def _recover(self, step: int, why: str) -> None:
+        """Restores the newest checkpoint through the normal restore path and goes on from it.
+
+        The restore brings back the weights, optimizer slots, loss-scale state, skip counters,
+        training metrics and (where it is saved) the input iterator; the Trainer's input then
+        restarts at the restored step, so the replay reads exactly the batches the run read
+        the first time. A recovered run is therefore the run that never diverged, whenever
+        the blow-up does not recur on replay.
+        """
+        self.recoveries += 1
+        path = self.checkpointer.restore_or_initialize()
+        self.trainer.restart_input()
+        restored = int(self.trainer.global_step.numpy())
+        check_restored_steps(self.lockstep, restored, self.trainer.config.model_dir)
+        # Log lines of the abandoned steps are no longer part of this run's history.
+        self.history = [log for log in self.history if log.global_step <= restored]
+        with self.lockstep.chief_only() as chief:
+            if chief:
+                warn(f"step {step}: {why}; restored {path} (step {restored}) and going on, "
+                     f"recovery {self.recoveries} of {self.recover_trials} (--recover_trials)")
 
     def _stop_requested(self) -> bool:
         local = self.should_stop() if self.should_stop else None

@@ -251,13 +251,14 @@ class Checkpointer:
         Without one (an earlier version's checkpoint, input that was not streamed, a lost
         folder), ``train_from`` replays the position from the step, which says so.
         """
-        if not self.trainer.saves_input_state or not step:
+        if not self.trainer.saves_input_state:
             return
         path = os.path.join(self.input_dir, f"input-{step}")
-        if not tf.io.gfile.exists(path + ".index"):
-            self.notes.append(f"{self.input_dir} holds no input state for step {step}; the "
-                              "input position is replayed from the step")
-            self.trainer.restore_input(None)
+        if not step or not tf.io.gfile.exists(path + ".index"):
+            if step:
+                self.notes.append(f"{self.input_dir} holds no input state for step {step}; the "
+                                  "input position is replayed from the step")
+            self.trainer.restore_input(None)  # A fresh stream at the step (see train_from).
             return
         try:
             self.trainer.restore_input(path)

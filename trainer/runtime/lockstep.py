@@ -134,7 +134,36 @@ class Lockstep:
         finally:
             _SEQUENCE.chief_only_depth -= 1
 
+    @contextlib.contextmanager
+    def chief_alone(self) -> Iterator[bool]:
+        """Work only the chief does, on objects of its own (the default strategy, no peer).
+
+        Yields whether this process is the chief. ``with lockstep.chief_alone() as chief: if
+        chief: ...`` runs e.g. the ``--policy=auto`` trial: the trial's Trainers step and
+        evaluate, which registers operations that are collectives in the job's Trainer but
+        local here. They are not recorded, so the chief's sequence stays that of the other
+        workers; the result reaches them through one real collective afterwards
+        (:meth:`broadcast_from_chief`). Anything built on the job's strategy inside the
+        block would be a real collective without peers: it must not be used there.
+        """
+        saved = _SEQUENCE.count, _SEQUENCE.digest
+        try:
+            yield self.is_chief
+        finally:
+            _SEQUENCE.count, _SEQUENCE.digest = saved
+
     # ------------------------------------------------------------------ collectives
+
+    def broadcast_from_chief(self, value: int, *, name: str) -> int:
+        """The chief's non-negative integer ``value`` on every worker (one collective).
+
+        The other workers' ``value`` is ignored: a decision only the chief could take (it read
+        a file, it ran a trial) becomes a shared value every worker then decides from.
+        """
+        collective(name)
+        if self.num_workers <= 1:
+            return int(value)
+        return self._sum([int(value) if self.is_chief else 0])[0]
 
     def _sum(self, values: List[int]) -> List[int]:
         """Element-wise int64 sum over the workers (compiled once: eager collectives warn)."""
