@@ -221,8 +221,12 @@ class FitLoop:
     def _check_storm(self, step: int) -> None:
         del step
         saved = self.checkpointer is not None and self.checkpointer.last_saved_step is not None
-        check_non_finite(self.trainer, self.trainer.config.max_consecutive_skips,
-                         has_checkpoint=saved)
+        try:
+            check_non_finite(self.trainer, self.trainer.config.max_consecutive_skips,
+                             has_checkpoint=saved)
+        except TrainingStopped as error:
+            # From all-reduced gradients: every worker stops here, and they leave together.
+            self.lockstep.fail_together(error, name="non-finite stop")
 
     def _stop_requested(self) -> bool:
         local = self.should_stop() if self.should_stop else None
