@@ -128,6 +128,26 @@ def test_launcher_job_with_single_process_distribution_refused(clean_env):
         distribution.prepare(TrainConfig(distribution="none"), ompi(0, 2, 0, 2))
 
 
+def test_all_local_mpirun_job_warns_on_the_chief_that_others_can_reach_it(monkeypatch):
+    # mpirun's ranks on one host: TF_CONFIG of localhost addresses, and this machine has an
+    # interface besides lo, through which their servers (listening on every one) are reached.
+    monkeypatch.setattr(worker_env, "other_interfaces", lambda: ["eth0"])
+    rank = worker_env.Rank(0, 2, 0, 2, "mpirun")
+    chief = worker_env.derive_tf_config(rank, worker_hosts="", base_port=7850)
+    warning = worker_env.exposure_warning(chief, ompi(0, 2, 0, 2))
+    assert warning.startswith("the 2 workers of this job are all on this machine, but their "
+                              "TensorFlow servers (ports 7850, 7851) listen on every interface")
+    assert "unshare --net" in warning and "\n" not in warning
+    other = dict(chief, task={"type": "worker", "index": 1})
+    assert worker_env.exposure_warning(other, ompi(1, 2, 1, 2)) is None  # Said once.
+    # trainer.launch confines its workers, or says itself that it cannot.
+    assert worker_env.exposure_warning(chief, {"TRAINER_RANK": "0"}) is None
+    hosts = {"cluster": {"worker": ["10.0.0.1:7850", "10.0.0.2:7850"]}, "task": chief["task"]}
+    assert worker_env.exposure_warning(hosts, {}) is None  # Several hosts: docs say it.
+    monkeypatch.setattr(worker_env, "other_interfaces", lambda: [])
+    assert worker_env.exposure_warning(chief, {}) is None  # Loopback only: nothing exposed.
+
+
 def test_resolve_auto():
     assert distribution.resolve("auto", "cpu", {}) == "none"
     assert distribution.resolve("auto", "cpu", ompi(0, 2, 0, 2)) == "multi_worker"

@@ -8,17 +8,22 @@ run.py alone, as one worker of two whose peer never starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import random
 import re
 import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import uuid
 
 import pytest
 from conftest import ROOT
@@ -452,3 +457,177 @@ def test_worker_whose_peer_never_starts_fails_within_the_timeout(own_index):
     assert errors[0].startswith(f"error: worker {1 - own_index} ({missing}) did not join this "
                                 f"job within {REGISTER_TIMEOUT_S} s; "), errors[0]
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- who can reach the workers
+#
+# A TensorFlow server listens on every interface (its ServerDef has a port, no bind address),
+# unauthenticated. The launcher's workers share a private network namespace (loopback only):
+# from another machine, here another network namespace joined to this one by a veth pair,
+# their ports refuse, and this machine's listening sockets (what `ss -ltn` lists) hold none.
+
+IP = shutil.which("ip")
+TF_SERVER = """
+import json, os, time
+import tensorflow as tf
+spec = json.loads(os.environ["TF_CONFIG"])
+# The gRPC server a multi-worker strategy starts, without waiting for the other workers.
+server = tf.distribute.Server(tf.train.ClusterSpec(spec["cluster"]), job_name="worker",
+                              task_index=spec["task"]["index"], protocol="grpc", start=True)
+print("ready", flush=True)
+time.sleep(120)
+"""
+LISTENER = """
+import json, os, socket, time
+spec = json.loads(os.environ["TF_CONFIG"])
+port = int(spec["cluster"]["worker"][spec["task"]["index"]].rpartition(":")[2])
+server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+print("ready", flush=True)  # Listening on every interface, as a TensorFlow server does.
+time.sleep(120)
+"""
+PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+    print("connected")
+except OSError as error:
+    print(type(error).__name__)
+"""
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([IP, *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def another_machine():
+    """A network namespace joined to this one by a veth pair: yields (namespace, the address
+    of this machine it reaches). A random /30 keeps concurrent runs apart."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (ip netns add)")
+    if IP is None:
+        pytest.skip("no `ip` command: install Debian's iproute2 (apt-get install iproute2)")
+    tag = uuid.uuid4().hex[:6]
+    namespace, here, there = f"trn{tag}x", f"vtr{tag}a", f"vtr{tag}b"
+    net = f"10.{random.randint(201, 239)}.{random.randint(0, 255)}.{4 * random.randint(0, 63)}"
+    prefix = net.rpartition(".")[0]
+    base = int(net.rpartition(".")[2])
+    ours, theirs = f"{prefix}.{base + 1}", f"{prefix}.{base + 2}"
+    try:
+        if _ip("netns", "add", namespace).returncode:
+            pytest.skip("cannot create a network namespace here")
+        steps = [("link", "add", here, "type", "veth", "peer", "name", there),
+                 ("link", "set", there, "netns", namespace),
+                 ("addr", "add", f"{ours}/30", "dev", here), ("link", "set", here, "up"),
+                 ("-n", namespace, "addr", "add", f"{theirs}/30", "dev", there),
+                 ("-n", namespace, "link", "set", there, "up")]
+        for step in steps:
+            result = _ip(*step)
+            if result.returncode:
+                pytest.skip(f"cannot set up the veth link (ip {' '.join(step)}): "
+                            f"{result.stderr.strip()}")
+        yield namespace, ours
+    finally:
+        _ip("netns", "delete", namespace)  # Takes the veth pair with it.
+        if _ip("link", "show", here).returncode == 0:
+            _ip("link", "delete", here)
+
+
+def _probe(namespace: str, address: str, port: int) -> str:
+    """'connected', or the error a connection from ``namespace`` got."""
+    result = subprocess.run([IP, "netns", "exec", namespace, sys.executable, "-c", PROBE,
+                             address, str(port)], capture_output=True, text=True, timeout=60)
+    return result.stdout.strip() or result.stderr[-500:]
+
+
+def _listening_ports(net_dir: str) -> dict:
+    """Port -> local addresses in state LISTEN, from ``net_dir``/tcp and tcp6 (what `ss -ltn`
+    reads): the sockets of the network namespace that ``net_dir`` belongs to."""
+    found: dict = {}
+    for name in ("tcp", "tcp6"):
+        with open(os.path.join(net_dir, name)) as table:
+            for row in list(table)[1:]:
+                local, state = row.split()[1], row.split()[3]
+                if state == "0A":  # TCP_LISTEN
+                    address, _, port = local.partition(":")
+                    found.setdefault(int(port, 16), []).append(address)
+    return found
+
+
+def _start(tmp_path, body: str, *flags: str):
+    path = tmp_path / "server.py"
+    path.write_text(textwrap.dedent(body))
+    return subprocess.Popen([*LAUNCHER, "--num_workers=2", *flags, "--", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def _wait_ready(proc, timeout: float = 120) -> str:
+    """The launcher's output up to both workers' "ready"."""
+    text = ""
+    deadline = time.monotonic() + timeout
+    while text.count("ready\n") < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, text
+        text += proc.stdout.readline()
+    return text
+
+
+def _stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)  # Forwarded to the workers; they die of it.
+    proc.communicate(timeout=30)
+
+
+def test_local_job_serves_nothing_to_another_machine(tmp_path, another_machine):
+    namespace, address = another_machine
+    # The probe can reach what listens on every interface here: a socket of our own.
+    control = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    with control:
+        assert _probe(namespace, address, control.getsockname()[1]) == "connected"
+    proc = _start(tmp_path, TF_SERVER)
+    try:
+        text = _wait_ready(proc)
+        assert "[launch] network: private" in text, text
+        pids = [int(pid) for _, pid in WORKER_PID.findall(text)]
+        ports = [int(port) for port in re.findall(r"localhost:(\d+)", text)]
+        assert len(pids) == len(ports) == 2, text
+        inside = _listening_ports(f"/proc/{pids[0]}/net")
+        here = _listening_ports("/proc/self/net")
+        for port in ports:
+            # TensorFlow's server listens on every interface (all zeros) of the workers'
+            # namespace, whose only interface is loopback ...
+            assert port in inside and set(inside[port]) <= {"00000000", "0" * 32}, inside
+            # ... and on no address of this machine's; from another machine it refuses.
+            assert port not in here, (port, here[port])
+            assert _probe(namespace, address, port) == "ConnectionRefusedError"
+    finally:
+        _stop(proc)
+
+
+def test_network_host_is_reachable_and_says_so(tmp_path, another_machine):
+    namespace, address = another_machine
+    proc = _start(tmp_path, LISTENER, "--network=host")
+    try:
+        text = _wait_ready(proc, timeout=30)
+        ports = [int(port) for port in re.findall(r"localhost:(\d+)", text)]
+        warning = re.search(r"^\[launch\] warning: --network=host: the workers' TensorFlow "
+                            r"servers \(ports (\d+), (\d+)\) listen on every interface.*$",
+                            text, re.M)
+        assert warning and [int(p) for p in warning.groups()] == ports, text
+        assert _probe(namespace, address, ports[0]) == "connected"
+    finally:
+        _stop(proc)
+
+
+def test_no_private_network_is_one_warning_line(tmp_path, monkeypatch):
+    def refused() -> int:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(launch, "private_network", refused)
+    monkeypatch.setattr(launch, "other_interfaces", lambda: ["eth0"])
+    out = io.StringIO()
+    assert launch.launch([script(tmp_path, REPORT)], num_workers=2, out=out) == 0
+    lines = [line for line in out.getvalue().splitlines() if "network" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "[launch] warning: cannot give the workers a private network namespace (it needs root "
+        "(CAP_SYS_ADMIN)): the workers' TensorFlow servers (ports "), out.getvalue()
+    assert "unshare --user --map-root-user --net" in lines[0]

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -89,6 +90,38 @@ def test_progress_mode_is_decided_from_shared_values(monkeypatch):
     assert Lockstep(is_chief=True).progress_mode("auto") == "bar"
     # A non-chief's own terminal does not count: only the chief draws.
     assert Lockstep(is_chief=False).progress_mode("auto") == "log"
+
+
+def test_fail_together_alone_raises_at_once():
+    error = LockstepError("the check failed")
+    with pytest.raises(LockstepError) as raised:
+        Lockstep().fail_together(error, name="check")  # No peer: no farewell, no signal change.
+    assert raised.value is error
+
+
+LEAVING = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from trainer.loop.preemption import PreemptionWatcher
+    from trainer.runtime import lockstep
+
+    # As in the fit loop: the check fails inside the watcher's block, and the error unwinds it.
+    with PreemptionWatcher():
+        lockstep._record_stop_signals()
+    os.kill(os.getpid(), signal.SIGTERM)  # What the launcher sends when the peer left.
+    print("survived, printing the error line", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # A second one ends it.
+    print("not reached", flush=True)
+''')
+
+
+def test_worker_leaving_with_an_error_survives_the_first_sigterm():
+    # The peer that exits first makes trainer.launch (and mpirun) SIGTERM this worker at once;
+    # it must still print its own error line. PreemptionWatcher's exit must not undo that.
+    result = subprocess.run([sys.executable, "-c", LEAVING.format(root=str(ROOT))],
+                            capture_output=True, text=True, timeout=60, env=_env())
+    assert result.stdout == "survived, printing the error line\n", result.stderr[-2000:]
+    assert result.returncode == -signal.SIGTERM
 
 
 # ---------------------------------------------------------------- two real workers

@@ -106,7 +106,12 @@ def run(config: TrainConfig, *, trainer_cls: Type[Trainer] = Trainer,
             files.write_metrics(config.metrics_file, summary)
     if cluster.num_workers > 1:  # Every worker: equal checksums show the replicas stayed in sync.
         print(distribution.worker_line(cluster, summary), flush=True)
-    _check_finite_end(trainer, test, checkpointer)
+    try:
+        _check_finite_end(trainer, test, checkpointer)
+    except TrainingStopped as error:
+        # From shared values (synchronised weights, the reduced test loss): every worker
+        # stops here, and they leave together.
+        steps.fail_together(error, name="non-finite end")
     if config.export_dir:  # Every worker: saving is a collective (trainer/outputs/export.py).
         signature = export.export_model(trainer, config.export_dir, is_chief=cluster.is_chief)
         with steps.chief_only() as chief:

@@ -346,7 +346,7 @@ class Trainer:
         ``max_consecutive_skips`` (default ``config.max_consecutive_skips``; 0: no limit), or,
         under a dynamic loss scale, a step is skipped with the scale at its floor (1); it runs
         no step when that holds already. ``global_step`` tells how far it got and
-        ``loop.check_non_finite`` why it stopped. The counts go in as tensors, so new values
+        ``loop.fit_loop.storm_reason`` why it stopped. The counts go in as tensors, so new values
         do not retrace.
         """
         lockstep.collective("train steps")  # Each step all-reduces its gradients.
@@ -446,7 +446,7 @@ class Trainer:
                                    micro=self.config.grad_accum_steps > 1)
 
     def _storm(self, max_consecutive_skips):
-        """True once skipping non-finite steps no longer helps (see loop.check_non_finite)."""
+        """True once skipping non-finite steps no longer helps (see loop.fit_loop.storm_reason)."""
         consecutive = self.consecutive_skips.read_value()
         stop = consecutive >= max_consecutive_skips
         if self.loss_scaler.dynamic:

@@ -317,7 +317,11 @@ class FitLoop:
             return False
         saved = self.checkpointer is not None and self.checkpointer.last_saved_step is not None
         if self.recoveries >= self.recover_trials or not saved:
-            raise _stopped(self.trainer, why, has_checkpoint=saved, recoveries=self.recoveries)
+            # From all-reduced gradients and reduced metrics: every worker stops here, and
+            # they leave together.
+            self.lockstep.fail_together(
+                _stopped(self.trainer, why, has_checkpoint=saved, recoveries=self.recoveries),
+                name="non-finite stop")
         self._recover(step, why)
         return True
 

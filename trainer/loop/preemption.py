@@ -44,5 +44,9 @@ class PreemptionWatcher:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # Only a handler that is still ours: one set since (a worker leaving with an
+            # error, Lockstep.fail_together) must outlive the block, or the launcher's
+            # SIGTERM would kill the worker before it prints why it stops.
+            if signal.getsignal(sig) == self._handle:
+                signal.signal(sig, handler)
         self._previous.clear()

@@ -29,7 +29,7 @@ import time
 from typing import Iterator, MutableMapping, Optional
 
 from trainer.compat import tf
-from trainer.errors import UserError
+from trainer.errors import UserError, warn
 from trainer.runtime import devices, lockstep, worker_env
 
 HABANA_STRATEGY_MODULE = "habana_frameworks.tensorflow.distribute"
@@ -163,6 +163,9 @@ def setup(config, device) -> Cluster:
     if os.environ.get("TF_CONFIG"):
         tf_config = worker_env.read_tf_config(os.environ["TF_CONFIG"])
         worker_env.check_port_free(worker_env.own_address(tf_config))
+        exposed = worker_env.exposure_warning(tf_config, os.environ)
+        if exposed:
+            warn(exposed)
     lockstep.fault_point("setup")
     try:
         strategy = _collective_strategy(kind)

@@ -13,27 +13,44 @@ Stopping: SIGTERM or SIGINT (Ctrl-C) to the launcher is forwarded to the workers
 later, or at once on a second signal. The launcher always returns. If it dies, even by
 SIGKILL, the kernel kills its workers (``PR_SET_PDEATHSIG``), so none is left behind.
 On several machines use ``mpirun`` instead (see docs/distributed.md).
+
+Network (``--network``): each worker's TensorFlow gRPC server listens on every interface
+(TensorFlow's ``ServerDef`` has a port but no bind address) and is unauthenticated. With
+``private`` (the default) the workers share a network namespace of their own whose only
+interface is its loopback, so nothing they serve is reachable from another machine (or from
+this one's other namespaces). Creating it needs root (``CAP_SYS_ADMIN``); without it the
+launcher says so in one ``warning:`` line and the workers share this machine's network, as
+they do with ``host`` (for workers that must reach the network, e.g. to download a dataset).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
-from trainer.runtime.worker_env import RANK_VARIABLES
+from trainer.runtime.worker_env import RANK_VARIABLES, other_interfaces
 
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
+CLONE_NEWNET = 0x40000000  # From <sched.h>.
+# From <linux/sockios.h> and <net/if.h>: read and set an interface's flags; "up".
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+IFREQ = struct.Struct("16sH22x")  # struct ifreq (40 bytes): the name, then ifr_flags.
+NETWORKS = ("private", "host")
+DOCS_NETWORK = "docs/distributed.md#who-can-reach-the-workers"
 
 
 class StartError(Exception):
@@ -69,18 +86,106 @@ def worker_env(index: int, addresses: Sequence[str], base: Optional[dict] = None
     return env
 
 
-def _load_prctl():
-    """libc's ``prctl``, or None off Linux. Loaded in the launcher: the forked child before
-    exec must not import or dlopen anything."""
+def _libc_function(name: str, argtypes):
+    """libc's function ``name``, or None off Linux. Loaded in the launcher: the forked child
+    before exec must not import or dlopen anything."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    prctl.restype = ctypes.c_int
-    return prctl
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
+def _load_prctl():
+    """libc's ``prctl``, or None off Linux."""
+    return _libc_function("prctl", [ctypes.c_int] + [ctypes.c_ulong] * 4)
+
+
+def _loopback_up() -> None:
+    """Brings up ``lo`` in the calling thread's network namespace (a new one has it down)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        flags = IFREQ.unpack(fcntl.ioctl(sock, SIOCGIFFLAGS, IFREQ.pack(b"lo", 0)))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, IFREQ.pack(b"lo", flags | IFF_UP))
+
+
+def private_network() -> int:
+    """A new network namespace whose only interface, ``lo``, is up; returns a descriptor of it.
+
+    Made by a short-lived thread: ``unshare(CLONE_NEWNET)`` moves only the calling thread, so
+    the launcher (and a test process calling :func:`launch`) keeps its own network. The
+    namespace lives while the descriptor or a process in it does; workers join it with
+    :func:`join_network` between fork and exec.
+
+    Raises:
+      OSError: it cannot be made (EPERM without root, ENOSYS off Linux).
+    """
+    unshare = _libc_function("unshare", [ctypes.c_int])
+    if unshare is None:
+        raise OSError(errno.ENOSYS, "network namespaces are a Linux feature")
+    made: dict = {}
+
+    def make() -> None:
+        try:
+            if unshare(CLONE_NEWNET) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+            _loopback_up()
+            made["fd"] = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net",
+                                 os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            made["error"] = error
+
+    thread = threading.Thread(target=make, name="private-network")
+    thread.start()
+    thread.join()
+    if "error" in made:
+        raise made["error"]
+    return made["fd"]
+
+
+def join_network(network_fd: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that moves the worker into the network namespace ``network_fd``.
+
+    Raises (in the child, reported by Popen as SubprocessError):
+      OSError: the kernel refused.
+    """
+    setns = _libc_function("setns", [ctypes.c_int, ctypes.c_int])
+
+    def preexec() -> None:
+        if setns is None or setns(network_fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+
+    return preexec
+
+
+def _network_for_workers(network: str, ports: Sequence[int]) -> Tuple[Optional[int], str]:
+    """The namespace descriptor the workers join (None: this process's), and the line that
+    says who can reach them (a ``warning:`` when others can)."""
+    exposed = (f"the workers' TensorFlow servers (ports {', '.join(map(str, ports))}) listen "
+               "on every interface of this machine, unauthenticated: anyone who can reach it "
+               "can run operations in the job and read its tensors")
+    if network == "host":
+        if not other_interfaces():
+            return None, "network: host (loopback only here: nothing is reachable from outside)"
+        return None, (f"warning: --network=host: {exposed}; use it only on a trusted network "
+                      f"({DOCS_NETWORK})")
+    try:
+        return private_network(), ("network: private (the workers' own namespace, loopback "
+                                   "only: nothing they serve is reachable from another machine)")
+    except OSError as error:
+        if not other_interfaces():
+            return None, "network: this process's, which has loopback only"
+        why = error.strerror or str(error)
+        if error.errno == errno.EPERM:
+            why = "it needs root (CAP_SYS_ADMIN)"
+        return None, (f"warning: cannot give the workers a private network namespace ({why}): "
+                      f"{exposed}. Run as root, or start the launcher inside one: unshare "
+                      "--user --map-root-user --net sh -c 'ip link set lo up && exec python "
+                      f"-m trainer.launch ...' ({DOCS_NETWORK})")
 
 
 def die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -247,7 +352,7 @@ class _Supervisor:
 
 
 def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
-           grace_s: float = 10.0, out=None) -> int:
+           grace_s: float = 10.0, out=None, network: str = "private") -> int:
     """Runs ``command`` as ``num_workers`` workers of one localhost cluster.
 
     Call it from the main thread (it handles SIGINT and SIGTERM while it runs).
@@ -258,6 +363,8 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
       base_port: worker i listens on base_port + i; 0 picks free ports.
       grace_s: seconds between SIGTERM and SIGKILL when stopping workers.
       out: where the prefixed output goes (default stdout).
+      network: 'private' (a network namespace of the workers' own, loopback only, when this
+        process may create one; else a warning) or 'host' (this machine's network).
 
     Returns:
       0 when every worker succeeded (also after a SIGTERM they handled cleanly), else the
@@ -265,7 +372,10 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
 
     Raises:
       StartError: a worker could not be started (e.g. no such program); none is left running.
+      ValueError: ``network`` is not one of :data:`NETWORKS`.
     """
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
     out = out or sys.stdout
     command = list(command)
     if command[0].endswith(".py"):
@@ -278,11 +388,19 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
     threads = []
     supervisor = _Supervisor(procs, grace_s, lambda message: _write(
         out, lock, f"[launch] {message}\n"))
+    network_fd, network_line = _network_for_workers(network, ports)
     previous = {sig: signal.signal(sig, supervisor.record) for sig in STOP_SIGNALS}
     try:
         # Every worker is forked before any output thread starts: the preexec_fn runs
         # between fork and exec, where other threads' locks could be held.
-        preexec = die_with_parent(os.getpid())
+        die = die_with_parent(os.getpid())
+        join = join_network(network_fd) if network_fd is not None else None
+
+        def preexec() -> None:
+            die()
+            if join is not None:
+                join()
+
         for index in range(num_workers):
             if supervisor.received:
                 break  # Stopped while starting: start no more.
@@ -295,6 +413,11 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
                     f"cannot start {command[0]!r} ({error.strerror or error}); give an "
                     "existing program after --, e.g. -- run.py --distribution=multi_worker"
                 ) from None
+            except subprocess.SubprocessError:  # Raised by preexec: the namespace refused it.
+                raise StartError(
+                    "cannot move a worker into the private network namespace; start the job "
+                    "with --network=host (see " + DOCS_NETWORK + ")") from None
+        supervisor.say(network_line)  # Once they started: a failed start prints one line.
         for index, proc in enumerate(procs):
             supervisor.say(f"worker {index}: pid {proc.pid}, {addresses[index]}")
             thread = threading.Thread(target=_stream, args=(index, proc.stdout, out, lock),
@@ -311,6 +434,8 @@ def launch(command: Sequence[str], *, num_workers: int, base_port: int = 0,
             signal.signal(sig, handler)
         for thread in threads:
             thread.join(timeout=5)
+        if network_fd is not None:
+            os.close(network_fd)  # The namespace goes with its last worker.
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -325,6 +450,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--grace_s", type=float, default=10.0,
                         help="Seconds between SIGTERM and SIGKILL when stopping workers "
                              "(after a worker failed or the launcher got SIGTERM/SIGINT).")
+    parser.add_argument("--network", choices=NETWORKS, default="private",
+                        help="private: the workers in a network namespace of their own, "
+                             "loopback only, so no other machine can reach their unauthenticated "
+                             "TensorFlow servers (needs root; else a warning and this machine's "
+                             "network); host: this machine's network (default: %(default)s).")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="After --: the program and its arguments, e.g. run.py ...")
     args = parser.parse_args(argv)
@@ -346,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     try:
         return launch(args.command, num_workers=args.num_workers, base_port=args.base_port,
-                      grace_s=args.grace_s)
+                      grace_s=args.grace_s, network=args.network)
     except StartError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

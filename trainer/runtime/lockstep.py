@@ -20,6 +20,9 @@ Every collective registers itself with :func:`collective` (name and order). The 
 which all workers run after every step loop, carries a digest of that sequence, so workers
 that ran different collectives since the last vote fail with one clear line instead of a
 ``Collective instance ... expected type`` error somewhere later.
+
+Workers that fail a check together leave together (:meth:`Lockstep.fail_together`): each
+prints the check's one ``error:`` line, none a lost peer's "Socket closed".
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import signal
 import sys
 import threading
 import zlib
-from typing import Dict, Iterator, List, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, NoReturn, Optional
 
 from trainer.errors import UserError
 from trainer.runtime import worker_env
@@ -220,12 +223,45 @@ class Lockstep:
             [int(bool(reason)), count, count * count, digest, digest * digest])
         n = self.num_workers
         if n * squares_c != total_c * total_c or n * squares_d != total_d * total_d:
-            raise LockstepError(
+            self.fail_together(LockstepError(
                 "the workers ran different collectives since the last step loop (a decision "
-                "was taken from local state); they cannot stay in step")
+                "was taken from local state); they cannot stay in step"), name="stop vote")
         if flag and not reason:
             return "a signal to another worker"
         return reason
+
+    def fail_together(self, error: Exception, *, name: str) -> NoReturn:
+        """Raises ``error`` on this worker once every worker is past the check it failed.
+
+        Call it where every worker fails the same check, from values they share (a vote, a
+        reduced value): all of them call it, with the same ``name``. A collective completes
+        on one worker a moment before its peers have received their last piece of it; a
+        worker that raised at once and exited would abort the collective its peer is still
+        finishing ("Collective ops is aborted by: Socket closed"), and the peer would report
+        a lost worker instead of the check's error. So the workers run one more collective
+        first, the farewell: a worker that completes it knows that every peer completed the
+        check (a peer sends its part of the farewell only after that), and a farewell that
+        fails because a peer, done with it, already left is the expected end, not a new error.
+
+        From here the worker is on its way out. When a peer exits with the error, the
+        launcher (trainer.launch, mpirun) sends this worker SIGTERM at once: the first
+        SIGTERM or SIGINT is recorded instead of obeyed, so the worker still prints its own
+        line; a second one ends it (the default action is restored). Single-process: raises
+        at once.
+
+        Raises:
+          error: always.
+        """
+        if self.num_workers > 1:
+            _record_stop_signals()
+            collective(f"{name}: leave together")
+            from trainer.compat import tf  # Deferred, as in _sum.
+
+            try:
+                self._sum([0])
+            except tf.errors.OpError:
+                pass  # A peer that completed the farewell left; the check's result stands.
+        raise error
 
     def progress_mode(self, requested: str) -> str:
         """'bar' or 'log' for ``requested == 'auto'``: a bar when the chief is on a terminal.
@@ -240,9 +276,29 @@ class Lockstep:
         return "bar" if self.any(on_terminal, name="progress mode") else "log"
 
 
+def _record_stop_signals() -> None:
+    """Until the process ends, the first SIGTERM or SIGINT only restores the default action.
+
+    For a worker leaving with an error (:meth:`Lockstep.fail_together`): the signal a launcher
+    sends when a peer left with the same error must not kill it before it says why; the
+    stop it asks for is under way. Only the main thread can set handlers; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def restore(signum, frame) -> None:
+        del signum, frame
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, restore)
+
+
 def check_restored_steps(lockstep: Lockstep, step: int, model_dir: str) -> None:
-    """Every worker restored the same step, or the job stops on all of them."""
+    """Every worker restored the same step, or the job stops on all of them, together."""
     if not lockstep.all_equal(step, name="restored step"):
-        raise UserError(
+        lockstep.fail_together(UserError(
             f"the workers restored different steps from {model_dir}: it must be on a file "
-            "system that every worker can read (the chief writes, all restore)")
+            "system that every worker can read (the chief writes, all restore)"),
+            name="restored step")

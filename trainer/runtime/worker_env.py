@@ -174,6 +174,43 @@ def check_port_free(address: str) -> None:
         probe.close()
 
 
+def other_interfaces() -> List[str]:
+    """This process's network interfaces other than ``lo``: what a listener on every
+    interface is reachable through."""
+    return sorted(name for _, name in socket.if_nameindex() if name != "lo")
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+def exposure_warning(tf_config: dict, env: Mapping[str, str]) -> Optional[str]:
+    """The warning for a job all on this machine whose servers others can reach, or None.
+
+    A TensorFlow server listens on every interface (its ``ServerDef`` has a port but no bind
+    address), unauthenticated. ``python -m trainer.launch`` puts its workers in a private
+    network namespace and says itself when it cannot; ranks that ``mpirun`` (or a user)
+    started are each their own process by the time this runs, so they cannot be moved into
+    one namespace here: say so, on the chief only (task 0 of the first job), once.
+    """
+    cluster = tf_config["cluster"]
+    jobs = [job for job in ("chief", "worker") if cluster.get(job)]
+    addresses = [address for job in jobs for address in cluster[job]]
+    task = tf_config["task"]
+    if (len(addresses) < 2 or RANK_VARIABLES["trainer.launch"][0] in env
+            or (task["type"], int(task["index"])) != (jobs[0], 0)
+            or not all(_is_loopback(a.rpartition(":")[0]) for a in addresses)
+            or not other_interfaces()):
+        return None
+    ports = ", ".join(address.rpartition(":")[2] for address in addresses)
+    return (f"the {len(addresses)} workers of this job are all on this machine, but their "
+            f"TensorFlow servers (ports {ports}) listen on every interface, unauthenticated "
+            "(TensorFlow cannot bind them to loopback): anyone who can reach this machine can "
+            "run operations in the job. Start it in a private network namespace, e.g. as root "
+            "unshare --net sh -c 'ip link set lo up && exec mpirun ...', or with python -m "
+            "trainer.launch (docs/distributed.md#who-can-reach-the-workers)")
+
+
 def habana_module_env(env: MutableMapping[str, str], local_rank: int, local_size: int) -> None:
     """Gives each local rank its own Gaudi card: ``HLS_MODULE_ID`` from the local rank.
 
