@@ -598,3 +598,31 @@ def test_from_datasets_refuses_what_it_cannot_resume_or_run():
     ragged = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(4)
     with pytest.raises(UserError, match="need a static batch dimension"):
         data.from_datasets(train=ragged, test=_test_set(), steps_per_epoch=4)
+
+
+def test_from_datasets_resumes_from_the_saved_iterator_without_skipping(tmp_path, capsys):
+    # A tf.data.Dataset object (which cannot be rebuilt) resumes exactly where its iterator's
+    # state was saved with the checkpoint: no read-and-skip, no refusal.
+    from trainer import Trainer
+    from trainer.config import TrainConfig
+    from trainer.outputs.checkpoint import Checkpointer
+
+    class Piped(Trainer):
+        def build_datasets(self):
+            return data.from_datasets(train=_pipeline(), test=_test_set(), steps_per_epoch=6,
+                                      num_classes=3)
+
+    config = TrainConfig(model="mlp", model_args={"units": 8}, batch_size=8, epochs=2,
+                         validation_split=0, policy="float32", device="cpu", verbose=False)
+    straight = Piped(config)
+    saver = Checkpointer(straight, model_dir=str(tmp_path))
+    straight.train_steps(4)
+    saver.save()
+    assert os.path.exists(tmp_path / "input" / "worker-0" / "input-4.index")
+    straight.train_steps(5)  # Across the epoch boundary of the 48-example stream.
+    resumed = Piped(config)
+    assert Checkpointer(resumed, model_dir=str(tmp_path)).restore_or_initialize()
+    resumed.train_steps(5)
+    for a, b in zip(straight.model.weights, resumed.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert "reading and skipping" not in capsys.readouterr().out

@@ -203,7 +203,11 @@ def from_datasets(*, train, test: tf.data.Dataset, steps_per_epoch: int,
     re-batched to full, padded batches (:func:`full_batches`) and read once here to count
     their examples.
 
-    Exact resume depends on what ``train`` is:
+    Exact resume: where the Trainer's iterator over ``train`` is a plain ``tf.data`` one (one
+    worker, one replica) and its state can be saved (no ``py_function`` or generator inside),
+    each checkpoint saves it and a resumed run continues from it, reading nothing twice.
+    Elsewhere (a ``tf.distribute`` iterator, which is not trackable; a state that cannot be
+    saved, which is said once) it depends on what ``train`` is:
 
     - a function that builds the pipeline (``train=lambda: make_train(seed)``): a resumed run
       builds it afresh and skips the batches already trained on, reading and discarding them
@@ -258,7 +262,7 @@ def from_datasets(*, train, test: tf.data.Dataset, steps_per_epoch: int,
         train=train, validation=validation, test=test, steps_per_epoch=steps_per_epoch,
         input_shape=tuple(features.shape[1:].as_list()), num_classes=num_classes,
         num_train=steps_per_epoch * batch, num_validation=num_validation, num_test=num_test,
-        source=source, train_from=_pipeline_from(train, build, batch))
+        source=source, train_from=_pipeline_from(train, build, batch), checkpoint_iterator=True)
 
 
 def _check_repeatable(build: Callable[[], tf.data.Dataset]) -> None:

@@ -150,6 +150,7 @@ class Checkpointer:
             model_dir, trainer.input_context.input_pipeline_id if worker_index is None
             else worker_index)
         self._input = None  # (iterator, its CheckpointManager)
+        self._input_unsaveable = False
         self.best_value = tf.Variable(float("nan"), trainable=False, name="best_value")
         self.items = dict(best_value=self.best_value, **trainer.checkpoint_items())
         self.checkpoint = tf.train.Checkpoint(**self.items)
@@ -227,7 +228,7 @@ class Checkpointer:
 
     def _input_manager(self):
         """The CheckpointManager of the trainer's current training iterator (None: none)."""
-        iterator = self.trainer.input_state()
+        iterator = None if self._input_unsaveable else self.trainer.input_state()
         if iterator is None:
             return None
         if self._input is None or self._input[0] is not iterator:
@@ -294,7 +295,15 @@ class Checkpointer:
         self.last_saved_step = int(self.trainer.global_step.numpy())
         input_manager = self._input_manager()
         if input_manager is not None:  # This worker's own input position, by each worker.
-            input_manager.save(checkpoint_number=self.trainer.global_step)
+            try:
+                input_manager.save(checkpoint_number=self.trainer.global_step)
+            except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as error:
+                # A py_function or generator in the pipeline: its state is not saveable.
+                self._input_unsaveable = True
+                shutil.rmtree(self.input_dir, ignore_errors=True)
+                warn(f"the training pipeline's state cannot be saved ({_first_line(error)}); a "
+                     "resume will replay its position by reading and skipping (from_datasets "
+                     "with train=a function) or cannot continue it")
         return path
 
     def maybe_save_best(self, value: float, *, higher_is_better: bool) -> bool:
