@@ -172,7 +172,9 @@ def verdict(report: AuditReport) -> str:
 def audit(config: TrainConfig) -> AuditReport:
     """Builds ``config.model`` under ``config.policy`` and audits it (no data is loaded)."""
     registry.check_model_args(config.model, config.model_args)
-    input_shape, num_classes = data.dataset_shapes(config.dataset, config.data_dir)
+    input_shape, num_classes = data.dataset_shapes(
+        config.dataset, config.data_dir, image_size=config.image_size,
+        num_classes=config.num_classes, label_offset=config.label_offset)
     keras.utils.set_random_seed(config.seed)
     with precision.policy_scope(config.policy):
         model = registry.build_model(config.model, input_shape=input_shape,
