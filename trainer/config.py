@@ -200,7 +200,7 @@ class TrainConfig:
         0, "tfrecord: subtracted from each stored label (1 for TF-models' ImageNet shards).")
     augment: bool = _setting(True, "tfrecord: random crop and flip of training images.")
     parallel_calls: int = _setting(
-        0, "tfrecord: images decoded in parallel (0: tf.data's AUTOTUNE).")
+        0, "tfrecord: images decoded in parallel (0: two per CPU core).")
     epochs: int = _setting(8, "Passes over the training split.")
     batch_size: int = _setting(128, "Global batch size (split across replicas).")
     learning_rate: float = _setting(1e-3, "Learning rate (the peak, under a schedule).")
