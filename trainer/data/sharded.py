@@ -34,8 +34,8 @@ from trainer.errors import UserError
 
 Parse = Callable[[tf.Tensor, Optional[tf.Tensor]], Tuple[tf.Tensor, tf.Tensor]]
 
-# Marker in the message of an in-graph check of a record, so the loop can turn the error
-# TensorFlow raises into one line (see :func:`input_error`).
+# Marker in the message of our in-graph check of a record (:func:`checked_label`), so that
+# :func:`find_bad_record` can show its values without TensorFlow's framing.
 RECORD_ERROR = "bad record: "
 
 
@@ -62,23 +62,13 @@ class _Split:
         return sum(s.records for s in self.shards)
 
 
-def _located(parse: Parse, seeded: bool):
-    """``parse`` on (file, index, record[, seed]) elements; the file and index are for errors."""
-    def fn(path, index, record, seed=None):
-        return parse(record, seed if seeded else None)
-    return fn
-
-
 def _read(paths, cycle_length: int, deterministic: bool) -> tf.data.Dataset:
-    """(file, index in file, record) of ``paths``, interleaved ``cycle_length`` at a time."""
-    def one(path):
-        return tf.data.TFRecordDataset(path).enumerate().map(
-            lambda i, r: (path, i, r))
+    """The records of ``paths``, interleaved ``cycle_length`` files at a time."""
+    files = tf.data.Dataset.from_tensor_slices(paths)
     if cycle_length == 1:
-        return tf.data.Dataset.from_tensor_slices(paths).flat_map(one)
-    return tf.data.Dataset.from_tensor_slices(paths).interleave(
-        one, cycle_length=cycle_length, block_length=1, num_parallel_calls=cycle_length,
-        deterministic=deterministic)
+        return files.flat_map(tf.data.TFRecordDataset)
+    return files.interleave(tf.data.TFRecordDataset, cycle_length=cycle_length, block_length=1,
+                            num_parallel_calls=cycle_length, deterministic=deterministic)
 
 
 def from_files(train: Union[str, Sequence[str]], *, parse: Parse, batch_size: int,
@@ -165,22 +155,21 @@ def from_files(train: Union[str, Sequence[str]], *, parse: Parse, batch_size: in
             tf.range(len(mine.shards)), tf.stack([stream, tf.constant(-1, tf.int64)]))
 
         def permute(window, records_):
-            count = tf.shape(records_[2])[0]
-            perm = tf.random.experimental.stateless_shuffle(tf.range(count),
+            perm = tf.random.experimental.stateless_shuffle(tf.range(tf.size(records_)),
                                                             tf.stack([stream, window]))
-            return tuple(tf.gather(t, perm) for t in records_)
+            return tf.gather(records_, perm)
 
         return (_read(tf.gather(paths, order), cycle, deterministic)
                 .batch(shuffle_buffer).enumerate().map(permute).unbatch()
                 .take(per_epoch)
                 .enumerate()
-                .map(lambda i, e: (*e, tf.stack([seed64 * 1000003 + epoch, i]))))
+                .map(lambda i, record: (record, tf.stack([seed64 * 1000003 + epoch, i]))))
 
     def stream(first_epoch: int, skip: int) -> tf.data.Dataset:
         epochs = tf.data.Dataset.range(first_epoch, 2 ** 62)
         return (epochs.flat_map(lambda e: epoch_records(e).skip(
                     tf.where(e == first_epoch, tf.constant(skip, tf.int64), 0)))
-                .map(_located(parse, True), num_parallel_calls=parallel,
+                .map(parse, num_parallel_calls=parallel,
                      deterministic=deterministic)
                 .batch(local_batch, drop_remainder=True)
                 .prefetch(tf.data.AUTOTUNE))
@@ -195,7 +184,8 @@ def from_files(train: Union[str, Sequence[str]], *, parse: Parse, batch_size: in
 
     def finite(split: _Split) -> tf.data.Dataset:
         dataset = (_read(split.paths, 1, True)
-                   .map(_located(parse, False), num_parallel_calls=parallel, deterministic=True)
+                   .map(lambda record: parse(record, None), num_parallel_calls=parallel,
+                        deterministic=True)
                    .batch(batch_size))
         options = tf.data.Options()
         # Every worker reads the whole evaluation set and keeps its share of each padded
