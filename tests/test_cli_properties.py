@@ -90,7 +90,16 @@ FLAG_VALUES = {
     "model_args": st.sampled_from(["units=16", "units=0", "units=-1", "units=1e40",
                                    "units=abc", "units=1.5", "depth=3",
                                    "=", "units", "units=16,units=8", "a=b=c"]),
-    "dataset": _choice("synthetic", "mnist", "fashion_mnist", "cifar10"),
+    # tfrecord: an empty glob and a file that is not TFRecord (tests/test_records.py has the
+    # real shards); the record-only flags below are refused for the other datasets.
+    "dataset": _choice("synthetic", "mnist", "fashion_mnist", "cifar10",
+                       "tfrecord:{tmp}/nothing-*", "tfrecord:{file}"),
+    "eval_data": st.sampled_from(["", "{tmp}/nothing-*", "{file}"]),
+    "image_size": _any_int(),
+    "num_classes": _any_int(),
+    "label_offset": _any_int(),
+    "parallel_calls": _any_int(),
+    "augment": st.booleans(),
     "data_dir": st.sampled_from(_PATHS + ["{empty}", "/nonexistent/data"]),
     "epochs": st.one_of(st.integers(max_value=0), st.sampled_from([1, 2])),
     "batch_size": _size([1, 3, 32, 255, 256, 257]),
