@@ -12,7 +12,7 @@
 (b) **Training on it**: ``run.py --model=cnn --image_size=64`` for one epoch of those shards
     at ``--parallel_calls=2 x cores``; the share of step time spent waiting for input (the
     epoch line's ``input wait``).
-(c) **Peak memory**: peak RSS (``ru_maxrss`` from ``wait4``) of one epoch of ``run.py
+(c) **Peak memory**: peak RSS (the child's ``VmHWM``) of one epoch of ``run.py
     --model=mlp --image_size=32`` over 2 GB of 128x128 JPEG shards and over 50 MB of them
     (both more records than the 1024 of the shuffle window, whose memory grows with the
     record size, not with the set).
@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +51,8 @@ def write_noise_shards(folder: str, *, megabytes: float = 0, count: int = 0, siz
     while (written < megabytes * 1e6) if megabytes else (images < count):
         n = per_shard if megabytes else min(per_shard, count - images)
         labels = rng.integers(0, 10, n)
-        noise = rng.integers(0, 256, (n, size, size, 3))
-        pixels = (0.4 * colours[labels] + 0.6 * noise).astype(np.uint8)
+        noise = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        pixels = (0.4 * colours[labels] + 0.6 * noise).astype(np.uint8)  # float64 briefly.
         paths = data.write_arrays(pixels, labels, os.path.join(folder, f"{prefix}{k:03d}"),
                                   num_shards=1, image_format="jpeg")
         written += sum(os.path.getsize(p) for p in paths)
@@ -111,15 +112,40 @@ def pipeline(folder: str, rounds: int, batches: int) -> dict:
             "ratio": best["ours"] / best["hand-written"]}
 
 
+def _high_water_mb(pid: int) -> float:
+    """``VmHWM`` of process ``pid`` (its peak RSS since exec), in MB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def _run(args, cwd=ROOT) -> tuple:
-    """(exit code, stdout, peak RSS in MB) of ``python run.py args`` in a fresh process."""
+    """(exit code, stdout, peak RSS in MB) of ``python run.py args`` in a fresh process.
+
+    The peak is the child's own ``VmHWM``, polled while it runs (it only grows). Not
+    ``ru_maxrss`` from ``wait4``: Linux starts a forked child's maximum at its parent's RSS
+    at the fork, so a child of a big parent (pytest with TensorFlow loaded) reports the parent.
+    """
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    peak = [0.0]
+
+    def poll():
+        while process.poll() is None:
+            peak[0] = max(peak[0], _high_water_mb(process.pid))
+            time.sleep(0.05)
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
     out = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, out, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux.
+    process.wait()
+    watcher.join()
+    return process.returncode, out, peak[0]
 
 
 def training(folder: str, metrics: str) -> dict:
