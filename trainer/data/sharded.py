@@ -376,11 +376,11 @@ def class_count(paths: Sequence[str], num_classes: int, label_offset: int,
     return largest + 1 - label_offset
 
 
-def image_shape(pattern: str, image_size: int, num_classes: int, label_offset: int
-                ) -> Tuple[Tuple[int, int, int], int]:
-    """(input shape, classes) of image shards: the first image decides channels (and the
-    size, where ``image_size`` is 0 and it is square)."""
-    files = records.expand(pattern)
+def image_shape(train: Union[str, Sequence[str]], image_size: int, num_classes: int,
+                label_offset: int) -> Tuple[Tuple[int, int, int], int]:
+    """(input shape, classes) of image shards (a glob or the files): the first image decides
+    channels (and the size, where ``image_size`` is 0 and it is square)."""
+    files = _files(train, "--dataset")
     height, width, channels = first_image(files[0])
     if channels not in (1, 3):
         channels = 3  # Grey+alpha or RGBA: decoded as RGB.
@@ -403,7 +403,8 @@ def from_tfrecord(pattern: str, *, batch_size: int, eval_data: str = "", image_s
     validation set (``validation_split`` > 0; 0: no per-epoch validation) and at the end as
     the test set.
     """
-    shape, classes = image_shape(pattern, image_size, num_classes, label_offset)
+    files = records.expand(pattern)  # Once: the shape, the classes and the stream use it.
+    shape, classes = image_shape(files, image_size, num_classes, label_offset)
     if classes < 1:
         raise UserError(f"the labels of {pattern} minus --label_offset={label_offset} leave no "
                         "class; check --label_offset")
@@ -412,7 +413,7 @@ def from_tfrecord(pattern: str, *, batch_size: int, eval_data: str = "", image_s
     evaluation = eval_files(pattern, eval_data)
     # ImageNet's convention: its validation files are evaluated after each epoch and at the
     # end (a split of the training records would mean reading them all first).
-    return from_files(pattern, parse=parse, batch_size=batch_size, test=evaluation,
+    return from_files(files, parse=parse, batch_size=batch_size, test=evaluation,
                       validation=evaluation if validation_split else None,
                       seed=seed, num_classes=classes, input_context=input_context,
                       parallel_calls=parallel_calls, deterministic=deterministic)
