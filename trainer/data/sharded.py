@@ -275,7 +275,8 @@ def image_parser(*, image_size: int, channels: int, num_classes: int, label_offs
         exact = tf.logical_and(shape[0] == image_size, shape[1] == image_size)
         if seed is None or not augment:
             image = tf.cond(exact, lambda: tf.cast(image, tf.float32),
-                            lambda: _center_crop(_resize_shorter(image, scaled), image_size))
+                            lambda: tf.image.resize_with_crop_or_pad(  # A central crop.
+                                _resize_shorter(image, scaled), image_size, image_size))
         else:
             image = _resize_shorter(image, scaled)
             image = tf.image.stateless_random_crop(image, [image_size, image_size, channels], seed)
@@ -301,12 +302,6 @@ def _resize_shorter(image, size: int):
     scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
     new = tf.cast(tf.math.ceil(shape * scale), tf.int32)
     return tf.image.resize(image, new, antialias=True)
-
-
-def _center_crop(image, size: int):
-    shape = tf.shape(image)
-    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
-    return image[top:top + size, left:left + size]
 
 
 def first_image(path: str, image_key: str = "image/encoded") -> Tuple[int, int, int]:
