@@ -58,12 +58,15 @@ def test_shards_from_tensorflows_writer_train(tmp_path):
         _write_with_tf(tmp_path / f"train-{i}", 96)
     _write_with_tf(tmp_path / "test-0", 64)
     result = run_cli(f"--dataset=tfrecord:{tmp_path}/train-*", *SMALL, "--num_classes=4",
-                     "--augment=false", "--epochs=4", "--learning_rate=0.02",
+                     "--augment=false", "--epochs=10", "--learning_rate=0.02",
                      "--model_args=units=64", f"--metrics_file={tmp_path}/m.json")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["global_step"] == 4 * 192 // 32
-    assert metrics["test_accuracy"] > 0.6  # Four brightness levels: learnable in 24 steps.
+    assert metrics["global_step"] == 10 * 192 // 32
+    # Four brightness levels. After 24 steps a run gave 0.5 now and then (threads make runs
+    # differ); after 60 steps, 11 of 12 runs (seeds 0-5, float32 and mixed_bfloat16) gave 1.0
+    # and one 0.75.
+    assert metrics["test_accuracy"] > 0.6
     assert f"from {tmp_path}: 192 train / 0 validation / 64 test" in result.stdout
 
 
