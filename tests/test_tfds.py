@@ -150,9 +150,11 @@ def test_a_set_too_big_for_memory_streams_from_its_prepared_files(tmp_path, monk
                 yield i, {"image": image, "label": label}
 
     TinyDigits(data_dir=str(tmp_path)).download_and_prepare()
+    # 30 steps: after 9 (units 16, learning rate 0.01) a run gave 0.31-0.63 over seeds 0-5,
+    # two brightness levels merged; these settings gave 0.94-1.0 over the same seeds.
     config = TrainConfig(dataset="tfds:tiny_digits", data_dir=str(tmp_path), batch_size=32,
-                         epochs=3, validation_split=0, model_args={"units": 16}, device="cpu",
-                         policy="float32", learning_rate=0.01, verbose=False)
+                         epochs=10, validation_split=0, model_args={"units": 64}, device="cpu",
+                         policy="float32", learning_rate=0.03, verbose=False)
     assert not tfds_source.streams(config.dataset, config.data_dir)  # 6 KB: in memory.
     monkeypatch.setenv(tfds_source.STREAM_ABOVE_ENV, "0")
     assert tfds_source.streams(config.dataset, config.data_dir)
@@ -164,5 +166,5 @@ def test_a_set_too_big_for_memory_streams_from_its_prepared_files(tmp_path, monk
     np.testing.assert_allclose(np.sort(seen.reshape(96, -1).sum(1)),  # The same examples.
                                np.sort((memory.x_train / 255).reshape(96, -1).sum(1)), rtol=1e-5)
     summary = trainer.run(config)
-    assert summary["global_step"] == 9 and summary["test_accuracy"] > 0.6
+    assert summary["global_step"] == 30 and summary["test_accuracy"] > 0.6
     assert summary["data_source"] == os.path.join(str(tmp_path), "tiny_digits", "1.0.0")
